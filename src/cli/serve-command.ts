@@ -1,0 +1,72 @@
+// `postern serve`: start everything, print a summary a person can act on, stop cleanly on
+// SIGTERM/SIGINT. Logs (JSON lines) go to stdout; the human summary goes to stderr.
+import type { Command } from 'commander';
+import type { Config } from '../config/load-config.js';
+import type { BoundListener } from '../intake/intake.js';
+import { createLogger } from '../observe/logger.js';
+import { type Postern, startPostern } from '../postern.js';
+import { configFor } from './cli-context.js';
+
+export function registerServeCommand(program: Command): void {
+  program
+    .command('serve')
+    .description('run the SMTP listeners and the delivery queue')
+    .action(async (_opts: unknown, cmd: Command) => {
+      const config = configFor(cmd);
+      const logger = createLogger({ level: process.env.POSTERN_LOG_LEVEL ?? config.log.level });
+      const postern = await startPostern(config, logger);
+      process.stderr.write(await summary(postern));
+      await new Promise<void>((resolve) => {
+        const stop = (signal: string) => {
+          logger.info({ event: 'signal', signal }, `${signal} received`);
+          postern.stop().then(resolve, (err: Error) => {
+            logger.error({ err: err.message }, 'error while stopping');
+            resolve();
+          });
+        };
+        process.once('SIGTERM', () => stop('SIGTERM'));
+        process.once('SIGINT', () => stop('SIGINT'));
+      });
+      logger.flush();
+    });
+}
+
+function describeListener(l: BoundListener, config: Config): string {
+  const where = `${l.host.includes(':') ? `[${l.host}]` : l.host}:${l.port}`;
+  const what = {
+    submission: 'STARTTLS, then AUTH (PLAIN/LOGIN) required',
+    smtps: 'implicit TLS, AUTH (PLAIN/LOGIN) required',
+    relay:
+      config.connector.length > 0
+        ? `no AUTH; accepts mail from connectors: ${config.connector.map((c) => `${c.name} (${c.networks.join(', ')})`).join('; ')}`
+        : 'no AUTH; no connectors configured, so every recipient is refused',
+  }[l.kind];
+  const fallback = l.fellBackFrom
+    ? `\n      port ${l.fellBackFrom} needs privileges; using ${l.port}. For ${l.fellBackFrom}: run as root, or \`sudo setcap cap_net_bind_service=+ep "$(command -v node)"\`, or set [listen] in postern.toml`
+    : '';
+  return `  ${l.kind.padEnd(11)} ${where.padEnd(22)} ${what}${fallback}`;
+}
+
+async function summary(p: Postern): Promise<string> {
+  const { config, tls, listeners } = p;
+  const accounts = await p.store.listAccounts();
+  const lines = [
+    `Postern ready as ${config.hostname} (config: ${config.file ?? 'built-in defaults'})`,
+    `  store       SQLite in ${config.dataDir}`,
+    ...listeners.map((l) => describeListener(l, config)),
+  ];
+  if (config.listen.http) lines.push(`  http        ${config.listen.http.host}:${config.listen.http.port} is configured; the admin API and console are not part of this version yet`);
+  lines.push(
+    tls.generated
+      ? `  TLS         generated a self-signed certificate for ${config.hostname} in ${config.tls.certFile}; devices that verify certificates need one from a CA (set [tls] cert/key)`
+      : `  TLS         ${tls.subject}, valid until ${tls.validTo.toISOString().slice(0, 10)}`,
+  );
+  const routes = config.route.map((r) => `${r.domains.join(',')} -> ${r.host}:${r.port}`);
+  lines.push(`  delivery    ${routes.length ? `routes: ${routes.join('; ')}; ` : ''}other domains by MX`);
+  if (accounts.length === 0) {
+    lines.push('', 'No accounts yet. Add the first one (in another terminal):', '  npx postern account add printer@example.com --generate');
+  } else {
+    lines.push(`  accounts    ${accounts.length}`);
+  }
+  return `${lines.join('\n')}\n`;
+}

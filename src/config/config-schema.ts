@@ -1,0 +1,147 @@
+// The shape of postern.toml. Every object is strict: an unknown key is a typo until proven
+// otherwise, and a relay that silently ignores `[limts]` is worse than one that refuses to start.
+import net from 'node:net';
+import { z } from 'zod';
+
+const MB = 1024 * 1024;
+
+/** "host:port", "[v6]:port" or ":port" (all interfaces). */
+export const listenAddress = z.string().transform((value, ctx) => {
+  const parsed = parseListenAddress(value);
+  if (!parsed) {
+    ctx.addIssue({ code: 'custom', message: `expected "host:port" (for example "127.0.0.1:2587" or ":587"), got "${value}"` });
+    return z.NEVER;
+  }
+  return parsed;
+});
+
+export interface ListenAddress {
+  host: string;
+  port: number;
+}
+
+export function parseListenAddress(value: string): ListenAddress | null {
+  const m = /^(?:\[([0-9a-fA-F:.]+)\]|([^:[\]]*)):(\d{1,5})$/.exec(value.trim());
+  if (!m) return null;
+  const host = m[1] ?? m[2] ?? '';
+  const port = Number(m[3]);
+  // Port 0 asks the OS for a free port (tests use it; the start-up summary shows the real one).
+  if (port > 65535) return null;
+  if (m[1] && !net.isIPv6(m[1])) return null;
+  return { host: host || '::', port };
+}
+
+const cidr = z.string().refine(
+  (value) => {
+    const [addr, bits, extra] = value.split('/');
+    if (extra !== undefined || !addr) return false;
+    const family = net.isIP(addr);
+    if (!family) return false;
+    if (bits === undefined) return true;
+    const n = Number(bits);
+    return /^\d+$/.test(bits) && n >= 0 && n <= (family === 4 ? 32 : 128);
+  },
+  { message: 'expected an IP network such as "192.168.1.0/24" or a single address' },
+);
+
+const duration = z
+  .string()
+  .regex(/^\d+(ms|s|m|h|d)$/, 'expected a duration such as "500ms", "30s", "5m", "1h" or "5d"')
+  .transform((value) => {
+    const m = /^(\d+)(ms|s|m|h|d)$/.exec(value)!;
+    const unit = { ms: 1, s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 }[m[2] as 'ms' | 's' | 'm' | 'h' | 'd'];
+    return Number(m[1]) * unit;
+  });
+
+const hostPort = z.string().transform((value, ctx) => {
+  const m = /^(?:\[([0-9a-fA-F:.]+)\]|([^:[\]]+))(?::(\d{1,5}))?$/.exec(value.trim());
+  if (!m) {
+    ctx.addIssue({ code: 'custom', message: `expected "host" or "host:port", got "${value}"` });
+    return z.NEVER;
+  }
+  return { host: (m[1] ?? m[2])!, port: m[3] ? Number(m[3]) : 53 };
+});
+
+const domainName = z
+  .string()
+  .min(1)
+  .transform((d) => d.toLowerCase().replace(/\.$/, ''))
+  .refine((d) => /^[a-z0-9*]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$/.test(d), {
+    message: 'expected a domain name such as "example.com"',
+  });
+
+export const configSchema = z
+  .strictObject({
+    hostname: z.string().min(1).optional(),
+    data_dir: z.string().min(1).default('./data'),
+    listen: z
+      .strictObject({
+        submission: listenAddress.optional(),
+        smtps: listenAddress.optional(),
+        relay: listenAddress.optional(),
+        http: listenAddress.optional(),
+      })
+      .optional(),
+    tls: z
+      .strictObject({
+        cert: z.string().min(1).default('tls/cert.pem'),
+        key: z.string().min(1).default('tls/key.pem'),
+      })
+      .default({ cert: 'tls/cert.pem', key: 'tls/key.pem' }),
+    limits: z
+      .strictObject({
+        max_message_size: z.number().int().positive().default(35 * MB),
+        max_recipients: z.number().int().positive().max(100_000).default(500),
+        idle_timeout: duration.default(5 * 60_000),
+        max_connections: z.number().int().positive().default(1000),
+        max_connections_per_ip: z.number().int().positive().default(50),
+      })
+      .prefault({}),
+    queue: z
+      .strictObject({
+        first_retry: duration.default(60_000),
+        max_retry_interval: duration.default(3_600_000),
+        lifetime: duration.default(5 * 86_400_000),
+      })
+      .prefault({}),
+    delivery: z
+      .strictObject({
+        dns_servers: z.array(hostPort).optional(),
+        concurrency: z.number().int().positive().default(100),
+        per_destination: z.number().int().positive().default(10),
+        connect_timeout: duration.default(30_000),
+        command_timeout: duration.default(5 * 60_000),
+        tls: z.enum(['none', 'opportunistic', 'required']).default('opportunistic'),
+        port: z.number().int().min(1).max(65535).default(25),
+      })
+      .prefault({}),
+    route: z
+      .array(
+        z.strictObject({
+          domains: z.array(domainName).min(1),
+          host: z.string().min(1),
+          port: z.number().int().min(1).max(65535).default(25),
+          tls: z.enum(['none', 'opportunistic', 'required']).default('opportunistic'),
+        }),
+      )
+      .default([]),
+    connector: z
+      .array(
+        z.strictObject({
+          name: z.string().min(1),
+          networks: z.array(cidr).min(1),
+        }),
+      )
+      .default([]),
+    log: z
+      .strictObject({
+        level: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
+      })
+      .prefault({}),
+  });
+
+export type ConfigInput = z.input<typeof configSchema>;
+export type ParsedConfig = z.output<typeof configSchema>;
+export type RouteConfig = ParsedConfig['route'][number];
+export type ConnectorConfig = ParsedConfig['connector'][number];
+export type ListenerName = 'submission' | 'smtps' | 'relay' | 'http';

@@ -1,0 +1,117 @@
+// Submission fix-ups (RFC 6409 section 8): prepend a Received trace header and add Message-ID and
+// Date when the client left them out (many devices do). Only the header block is buffered, and only
+// up to a bound: a message whose headers never end within it is passed on with the Received header
+// alone rather than held in memory.
+import { randomBytes } from 'node:crypto';
+import { Transform, type TransformCallback } from 'node:stream';
+
+const MAX_HEADER_BLOCK = 256 * 1024;
+const HEADER_END = Buffer.from('\r\n\r\n');
+
+export interface ReceivedInfo {
+  heloName: string;
+  clientHostname: string;
+  clientIp: string;
+  hostname: string;
+  /** ESMTP, ESMTPS, ESMTPSA (RFC 3848). */
+  protocol: string;
+  queueId: string;
+  tls?: { version: string; cipher: string };
+  account?: string;
+  /** Named only when there is exactly one recipient, as Postfix does, so Bcc lists do not leak. */
+  singleRecipient?: string;
+  date: Date;
+}
+
+export function receivedHeader(info: ReceivedInfo): string {
+  const from = `from ${info.heloName || 'unknown'} (${info.clientHostname && info.clientHostname !== `[${info.clientIp}]` ? `${info.clientHostname} ` : ''}[${info.clientIp}])`;
+  const tls = info.tls ? `\r\n\t(using ${info.tls.version} with cipher ${info.tls.cipher})` : '';
+  const auth = info.account ? `\r\n\t(Authenticated sender: ${info.account})` : '';
+  const forRcpt = info.singleRecipient ? `\r\n\tfor <${info.singleRecipient}>` : '';
+  return `Received: ${from}${tls}${auth}\r\n\tby ${info.hostname} (Postern) with ${info.protocol} id ${info.queueId}${forRcpt};\r\n\t${formatRfc5322Date(info.date)}\r\n`;
+}
+
+export class HeaderFixups extends Transform {
+  /** The Message-ID the message carries (its own or the one added), once headers are read. */
+  messageId: string | undefined;
+  #buffer: Buffer[] = [];
+  #buffered = 0;
+  #done = false;
+  readonly #received: string;
+  readonly #hostname: string;
+  readonly #date: Date;
+
+  constructor(received: string, hostname: string, date: Date) {
+    super();
+    this.#received = received;
+    this.#hostname = hostname;
+    this.#date = date;
+  }
+
+  override _transform(chunk: Buffer, _enc: BufferEncoding, callback: TransformCallback): void {
+    if (this.#done) return callback(null, chunk);
+    this.#buffer.push(chunk);
+    this.#buffered += chunk.length;
+    const all = this.#buffer.length === 1 ? chunk : Buffer.concat(this.#buffer);
+    // Search from a little before the new chunk: the blank line may straddle two chunks.
+    const from = Math.max(0, this.#buffered - chunk.length - 3);
+    const startsBlank = all.length >= 2 && all[0] === 0x0d && all[1] === 0x0a;
+    const end = startsBlank ? 0 : all.indexOf(HEADER_END, from);
+    if (end === -1 && this.#buffered < MAX_HEADER_BLOCK) {
+      this.#buffer = [all];
+      return callback();
+    }
+    this.#release(all, end === -1 ? null : all.subarray(0, end + 2));
+    callback();
+  }
+
+  override _flush(callback: TransformCallback): void {
+    if (!this.#done) {
+      // The whole message is headers (no blank line): still add what is missing.
+      const all = Buffer.concat(this.#buffer);
+      this.#release(all, all);
+    }
+    callback();
+  }
+
+  #release(all: Buffer, headerBlock: Buffer | null): void {
+    this.#done = true;
+    this.#buffer = [];
+    let prefix = this.#received;
+    if (headerBlock) {
+      const names = headerNames(headerBlock.toString('latin1'));
+      const existingId = names.get('message-id');
+      if (existingId) {
+        this.messageId = existingId;
+      } else {
+        this.messageId = `<${randomBytes(12).toString('hex')}@${this.#hostname}>`;
+        prefix += `Message-ID: ${this.messageId}\r\n`;
+      }
+      if (!names.has('date')) prefix += `Date: ${formatRfc5322Date(this.#date)}\r\n`;
+    }
+    this.push(Buffer.from(prefix, 'latin1'));
+    this.push(all);
+  }
+}
+
+/** Header names (lower case) mapped to their first value, unfolded. */
+function headerNames(block: string): Map<string, string> {
+  const out = new Map<string, string>();
+  const unfolded = block.replace(/\r\n[ \t]+/g, ' ');
+  for (const line of unfolded.split('\r\n')) {
+    const colon = line.indexOf(':');
+    if (colon <= 0) continue;
+    const name = line.slice(0, colon).trim().toLowerCase();
+    if (!out.has(name)) out.set(name, line.slice(colon + 1).trim());
+  }
+  return out;
+}
+
+const DAYS = ['Sun', 'Mon', 'Tue', 'Wed', 'Thu', 'Fri', 'Sat'];
+const MONTHS = ['Jan', 'Feb', 'Mar', 'Apr', 'May', 'Jun', 'Jul', 'Aug', 'Sep', 'Oct', 'Nov', 'Dec'];
+
+/** RFC 5322 date in UTC, e.g. "Sat, 28 Nov 2026 23:56:14 +0000". */
+export function formatRfc5322Date(d: Date): string {
+  const pad = (n: number) => String(n).padStart(2, '0');
+  return `${DAYS[d.getUTCDay()]}, ${d.getUTCDate()} ${MONTHS[d.getUTCMonth()]} ${d.getUTCFullYear()} ${pad(d.getUTCHours())}:${pad(d.getUTCMinutes())}:${pad(d.getUTCSeconds())} +0000`;
+}

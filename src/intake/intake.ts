@@ -1,0 +1,403 @@
+// Intake: the SMTP listeners and the policy of a session, phase by phase.
+//
+//   connect  -> connection caps, which connector (relay port) the client belongs to
+//   tls      -> STARTTLS done (submission) or implicit (smtps); AUTH becomes available
+//   auth     -> service account, password, smtp_auth flag
+//   mail     -> sender syntax; the client must be authenticated or in a connector
+//   rcpt     -> recipient syntax, relay decision, recipients-per-message limit
+//   data     -> streamed through DataGuard (CRLF only, size) and HeaderFixups to the spool
+//   queued   -> fsync'd and committed by the store; only then the 250 reply
+//
+// Each refusal is an SmtpReplyError from errors/smtp-errors.ts.
+import net from 'node:net';
+import { once } from 'node:events';
+import type { SMTPServerAddress, SMTPServerAuthentication, SMTPServerDataStream, SMTPServerSession } from 'smtp-server';
+import type { Authenticator } from '../accounts/authenticator.js';
+import type { Config, ListenerAddress } from '../config/load-config.js';
+import { type SmtpReplyError, smtpError } from '../errors/smtp-errors.js';
+import type { Logger } from '../observe/logger.js';
+import { newQueueId } from '../store/queue-id.js';
+import type { NewMessage, Store } from '../store/store.js';
+import { DataGuard } from './data-guard.js';
+import { HeaderFixups, receivedHeader } from './header-fixups.js';
+import { NetworkList, plainIp } from './network-list.js';
+import { PosternSmtpServer } from './postern-smtp-server.js';
+import type { TlsMaterial } from './tls-material.js';
+
+export type ListenerKind = 'submission' | 'smtps' | 'relay';
+
+export interface BoundListener {
+  kind: ListenerKind;
+  host: string;
+  port: number;
+  /** Set when a default privileged port could not be bound and the fallback was used. */
+  fellBackFrom?: number;
+}
+
+export interface IntakeOptions {
+  config: Config;
+  store: Store;
+  authenticator: Authenticator;
+  logger: Logger;
+  tls: TlsMaterial;
+  /** Called after a message is durably queued (wakes the queue runner). */
+  onQueued?: (queueId: string) => void;
+}
+
+interface SessionState {
+  listener: ListenerKind;
+  ip: string;
+  connector?: string;
+  log: Logger;
+}
+
+export class Intake {
+  readonly #options: IntakeOptions;
+  readonly #servers: { kind: ListenerKind; server: PosternSmtpServer }[] = [];
+  readonly #sessions = new Map<string, SessionState>();
+  readonly #perIp = new Map<string, number>();
+  readonly #connectors: { name: string; networks: NetworkList }[];
+  #accepting = true;
+
+  constructor(options: IntakeOptions) {
+    this.#options = options;
+    this.#connectors = options.config.connector.map((c) => ({ name: c.name, networks: new NetworkList(c.networks) }));
+  }
+
+  get openSessions(): number {
+    return this.#sessions.size;
+  }
+
+  /** The sockets of open SMTP sessions (diagnostics; the tests check their options). */
+  sockets(): net.Socket[] {
+    return this.#servers.flatMap(({ server }) =>
+      [...server.connections].map((c) => (c as unknown as { _socket: net.Socket })._socket),
+    );
+  }
+
+  async start(): Promise<BoundListener[]> {
+    const bound: BoundListener[] = [];
+    const { listen } = this.#options.config;
+    for (const kind of ['submission', 'smtps', 'relay'] as const) {
+      const address = listen[kind];
+      if (!address) continue;
+      const server = this.#createServer(kind);
+      this.#servers.push({ kind, server });
+      bound.push(await bindListener(server, kind, address, this.#options.logger));
+    }
+    return bound;
+  }
+
+  /** Stops accepting connections; sessions in progress may finish their current message. */
+  async close(graceMs = 10_000): Promise<void> {
+    this.#accepting = false;
+    await Promise.all(
+      this.#servers.map(
+        ({ server }) =>
+          new Promise<void>((resolve) => {
+            (server as unknown as { options: { closeTimeout: number } }).options.closeTimeout = graceMs;
+            server.close(() => resolve());
+          }),
+      ),
+    );
+  }
+
+  #createServer(kind: ListenerKind): PosternSmtpServer {
+    const { config, tls } = this.#options;
+    const requiresAuth = kind !== 'relay';
+    const server = new PosternSmtpServer({
+      name: config.hostname,
+      banner: 'Postern ESMTP ready',
+      secure: kind === 'smtps',
+      key: tls.key,
+      cert: tls.cert,
+      minVersion: 'TLSv1.2',
+      hideAuthBeforeTls: true,
+      authMethods: ['PLAIN', 'LOGIN'],
+      authOptional: !requiresAuth,
+      disabledCommands: requiresAuth ? [] : ['AUTH'],
+      authRequiredMessage: smtpError('AUTH_REQUIRED').message,
+      size: config.limits.max_message_size,
+      hideSize: false,
+      // PIPELINING, 8BITMIME, SMTPUTF8 and ENHANCEDSTATUSCODES are on by default; DSN is opt-in.
+      hideDSN: false,
+      hideENHANCEDSTATUSCODES: false,
+      hideREQUIRETLS: true,
+      // Reverse DNS for every client stalls each connection where DNS is slow, and a PTR name
+      // proves nothing about an authenticated device. The Received header carries the IP.
+      disableReverseLookup: true,
+      socketTimeout: config.limits.idle_timeout,
+      closeTimeout: 10_000,
+      logger: false,
+      onConnect: (session, cb) => cb(this.#onConnect(kind, session)),
+      onSecure: (socket, session, cb) => {
+        this.#session(session)?.log.info(
+          { event: 'tls', tls: (socket as { getProtocol?: () => string }).getProtocol?.() },
+          'TLS established',
+        );
+        cb();
+      },
+      onAuth: (auth, session, cb) => {
+        this.#onAuth(auth, session).then(
+          (user) => cb(null, { user }),
+          (err: Error) => cb(err),
+        );
+      },
+      onMailFrom: (address, session, cb) => cb(this.#onMailFrom(address, session)),
+      onRcptTo: (address, session, cb) => cb(this.#onRcptTo(address, session)),
+      onData: (stream, session, cb) => {
+        this.#onData(stream, session).then(
+          (reply) => cb(null, reply),
+          (err: Error) => cb(err),
+        );
+      },
+      onClose: (session) => this.#onClose(session),
+    });
+    // Without an 'error' listener a failed TLS handshake (an old TLS 1.1 client, say) would
+    // be thrown as an uncaught exception and take the whole process down.
+    server.on('error', (err: Error & { code?: string; remote?: string }) => {
+      this.#options.logger.info({ event: 'connection_error', listener: kind, err: err.message, code: err.code }, 'connection error');
+    });
+    return server;
+  }
+
+  #session(session: SMTPServerSession): SessionState | undefined {
+    return this.#sessions.get(session.id);
+  }
+
+  #onConnect(kind: ListenerKind, session: SMTPServerSession): SmtpReplyError | null {
+    const ip = plainIp(session.remoteAddress);
+    const { limits } = this.#options.config;
+    const log = this.#options.logger.child({ session: session.id, listener: kind, ip });
+    if (!this.#accepting) return smtpError('SHUTTING_DOWN');
+    if (this.#sessions.size >= limits.max_connections) {
+      log.warn({ event: 'connect_refused', reason: 'max_connections' }, 'connection refused: server busy');
+      return smtpError('SERVER_BUSY');
+    }
+    const fromIp = this.#perIp.get(ip) ?? 0;
+    if (fromIp >= limits.max_connections_per_ip) {
+      log.warn({ event: 'connect_refused', reason: 'max_connections_per_ip' }, 'connection refused: too many from this IP');
+      return smtpError('TOO_MANY_CONNECTIONS', { ip });
+    }
+    this.#perIp.set(ip, fromIp + 1);
+    const connector = kind === 'relay' ? this.#connectors.find((c) => c.networks.has(ip))?.name : undefined;
+    this.#sessions.set(session.id, { listener: kind, ip, connector, log });
+    log.info({ event: 'connect', connector, port: session.localPort }, 'client connected');
+    return null;
+  }
+
+  #onClose(session: SMTPServerSession): void {
+    const state = this.#sessions.get(session.id);
+    if (!state) return;
+    this.#sessions.delete(session.id);
+    const left = (this.#perIp.get(state.ip) ?? 1) - 1;
+    if (left > 0) this.#perIp.set(state.ip, left);
+    else this.#perIp.delete(state.ip);
+    state.log.info({ event: 'close' }, 'client disconnected');
+  }
+
+  async #onAuth(auth: SMTPServerAuthentication, session: SMTPServerSession): Promise<string> {
+    const state = this.#session(session);
+    const username = auth.username ?? '';
+    const outcome = await this.#options.authenticator.authenticate(username, auth.password ?? '');
+    if (outcome.ok) {
+      state?.log.info({ event: 'auth', account: outcome.address, method: auth.method, cached: outcome.cached }, 'authenticated');
+      return outcome.address;
+    }
+    // The log names the real reason; the client learns only what Office 365 would tell it.
+    state?.log.warn({ event: 'auth_failed', account: username.slice(0, 320), method: auth.method, reason: outcome.reason }, 'authentication failed');
+    throw smtpError(outcome.reason === 'smtp_auth_disabled' ? 'AUTH_SMTP_DISABLED' : 'AUTH_FAILED');
+  }
+
+  #onMailFrom(address: SMTPServerAddress, session: SMTPServerSession): SmtpReplyError | null {
+    const state = this.#session(session);
+    if (state && state.listener !== 'relay' && !session.user) return smtpError('AUTH_REQUIRED');
+    if (address.address !== '' && !isValidMailbox(address.address)) {
+      return smtpError('BAD_SENDER_ADDRESS', { address: printable(address.address) });
+    }
+    state?.log.info({ event: 'mail', from: address.address, account: session.user }, 'MAIL FROM');
+    return null;
+  }
+
+  #onRcptTo(address: SMTPServerAddress, session: SMTPServerSession): SmtpReplyError | null {
+    const state = this.#session(session);
+    if (!state) return smtpError('SHUTTING_DOWN');
+    if (state.listener === 'relay' && !state.connector) {
+      state.log.warn({ event: 'rcpt_refused', to: address.address, reason: 'relay_denied' }, 'relaying denied');
+      return smtpError('RELAY_DENIED', { ip: state.ip });
+    }
+    if (!isValidMailbox(address.address)) return smtpError('BAD_RECIPIENT_ADDRESS', { address: printable(address.address) });
+    const max = this.#options.config.limits.max_recipients;
+    if (session.envelope.rcptTo.length >= max) return smtpError('TOO_MANY_RECIPIENTS', { max });
+    state.log.debug({ event: 'rcpt', to: address.address }, 'RCPT TO');
+    return null;
+  }
+
+  async #onData(stream: SMTPServerDataStream, session: SMTPServerSession): Promise<string> {
+    const state = this.#session(session);
+    const { config, store } = this.#options;
+    const receivedAt = Date.now();
+    const queueId = newQueueId(receivedAt);
+    const envelope = session.envelope;
+    const sender = envelope.mailFrom ? envelope.mailFrom.address : '';
+    const recipients = envelope.rcptTo;
+    const tlsInfo = session.tlsOptions
+      ? { version: session.tlsOptions.version ?? 'TLS', cipher: session.tlsOptions.name }
+      : undefined;
+    const received = receivedHeader({
+      heloName: session.hostNameAppearsAs,
+      clientHostname: session.clientHostname,
+      clientIp: state?.ip ?? plainIp(session.remoteAddress),
+      hostname: config.hostname,
+      protocol: session.transmissionType,
+      queueId,
+      tls: tlsInfo,
+      account: session.user,
+      singleRecipient: recipients.length === 1 ? recipients[0]!.address : undefined,
+      date: new Date(receivedAt),
+    });
+
+    let writer: ReturnType<Store['createBody']>;
+    try {
+      writer = store.createBody(queueId);
+    } catch (err) {
+      state?.log.error({ event: 'data_rejected', reason: 'storage', err: (err as Error).message }, 'cannot spool');
+      throw smtpError('QUEUE_UNAVAILABLE');
+    }
+    const guard = new DataGuard(config.limits.max_message_size);
+    const fixups = new HeaderFixups(received, config.hostname, new Date(receivedAt));
+    const storage: { error: Error | null } = { error: null };
+    // Plain pipes, not pipeline(): if the disk fails we must keep reading the client's data to
+    // its end (so the conversation stays in step) while writing nothing more.
+    writer.stream.on('error', (err) => {
+      storage.error ??= err;
+      fixups.unpipe(writer.stream);
+      fixups.resume();
+    });
+    stream.pipe(guard).pipe(fixups).pipe(writer.stream);
+    await once(guard, 'end').catch(() => undefined);
+
+    const violation = guard.violation;
+    if (violation || storage.error) {
+      await writer.abort().catch(() => undefined);
+      if (violation?.kind === 'too_big') {
+        state?.log.warn({ event: 'data_rejected', reason: 'too_big', bytes: guard.bytes }, 'message too big');
+        throw smtpError('MESSAGE_TOO_BIG', { max: violation.limit });
+      }
+      if (violation) {
+        state?.log.warn({ event: 'data_rejected', reason: violation.kind, offset: violation.offset }, 'bare line ending');
+        throw smtpError('BARE_LINE_ENDING', { kind: violation.kind === 'bare_lf' ? 'LF' : 'CR' });
+      }
+      state?.log.error({ event: 'data_rejected', reason: 'storage', err: storage.error?.message }, 'spool write failed');
+      throw smtpError('QUEUE_UNAVAILABLE');
+    }
+
+    let size: number;
+    const message: NewMessage = {
+      queueId,
+      sender,
+      recipients: recipients.map((r) => ({ address: r.address, notify: r.dsn?.notify, orcpt: r.dsn?.orcpt })),
+      size: 0,
+      receivedAt,
+      expiresAt: receivedAt + config.queue.lifetime,
+      origin: {
+        sessionId: session.id,
+        listener: state?.listener ?? 'unknown',
+        clientIp: state?.ip ?? plainIp(session.remoteAddress),
+        account: session.user,
+        heloName: session.hostNameAppearsAs || undefined,
+      },
+      messageIdHeader: fixups.messageId,
+      dsnEnvid: envelope.dsn?.envid ?? undefined,
+      dsnRet: (envelope.dsn?.ret as 'FULL' | 'HDRS' | null) ?? undefined,
+    };
+    try {
+      size = await writer.finish();
+      message.size = size;
+      await store.enqueue(message);
+    } catch (err) {
+      await writer.abort().catch(() => undefined);
+      state?.log.error({ event: 'data_rejected', reason: 'storage', err: (err as Error).message }, 'queue write failed');
+      throw smtpError('QUEUE_UNAVAILABLE');
+    }
+    state?.log.info(
+      { event: 'queued', queueId, from: sender, rcpts: recipients.length, size, messageId: fixups.messageId },
+      'message queued',
+    );
+    this.#options.onQueued?.(queueId);
+    return `Ok: queued as ${queueId}`;
+  }
+}
+
+/** local@domain with a plausible domain or address literal; smtp-server has checked the syntax. */
+function isValidMailbox(address: string): boolean {
+  const at = address.lastIndexOf('@');
+  if (at <= 0 || at === address.length - 1) return false;
+  const domain = address.slice(at + 1);
+  if (domain.startsWith('[') && domain.endsWith(']')) {
+    const literal = domain.slice(1, -1).replace(/^IPv6:/i, '');
+    return net.isIP(literal) !== 0;
+  }
+  return /^(?=.{1,253}$)([\p{L}\p{N}]([\p{L}\p{N}-]{0,61}[\p{L}\p{N}])?)(\.[\p{L}\p{N}]([\p{L}\p{N}-]{0,61}[\p{L}\p{N}])?)+$/u.test(domain);
+}
+
+function printable(value: string): string {
+  return value.replace(/[^\x20-\x7e]/g, '?').slice(0, 200);
+}
+
+/** Binds a listener; the built-in 587/465 defaults fall back to 2587/2465 without privileges. */
+async function bindListener(
+  server: PosternSmtpServer,
+  kind: ListenerKind,
+  address: ListenerAddress,
+  logger: Logger,
+): Promise<BoundListener> {
+  const tryListen = (host: string, port: number) =>
+    new Promise<net.AddressInfo>((resolve, reject) => {
+      const onError = (err: Error) => {
+        server.server.off('listening', onListening);
+        reject(err);
+      };
+      const onListening = () => {
+        server.server.off('error', onError);
+        resolve(server.server.address() as net.AddressInfo);
+      };
+      server.server.once('error', onError);
+      server.server.once('listening', onListening);
+      server.server.listen(port, host);
+    });
+  const listenAnyFamily = async (port: number) => {
+    try {
+      return await tryListen(address.host, port);
+    } catch (err) {
+      // "::" on a host without IPv6: all-interfaces means IPv4 then.
+      if (address.host === '::' && (err as NodeJS.ErrnoException).code === 'EAFNOSUPPORT') return tryListen('0.0.0.0', port);
+      throw err;
+    }
+  };
+  try {
+    const info = await listenAnyFamily(address.port);
+    return { kind, host: info.address, port: info.port };
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'EACCES' && address.fallbackPort) {
+      const info = await listenAnyFamily(address.fallbackPort).catch((e: Error) => {
+        throw new Error(`${kind}: cannot listen on port ${address.port} (needs privileges) nor on ${address.fallbackPort}: ${e.message}`);
+      });
+      logger.warn(
+        { event: 'listen_fallback', listener: kind, wanted: address.port, port: info.port },
+        `port ${address.port} needs privileges; ${kind} listens on ${info.port} instead`,
+      );
+      return { kind, host: info.address, port: info.port, fellBackFrom: address.port };
+    }
+    const why =
+      code === 'EADDRINUSE'
+        ? 'the address is already in use (another mail server or another Postern?)'
+        : code === 'EACCES'
+          ? 'permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)'
+          : code === 'EADDRNOTAVAIL'
+            ? 'no such local address on this machine'
+            : (err as Error).message;
+    throw new Error(`listen.${kind}: cannot listen on ${address.host}:${address.port}: ${why}`);
+  }
+}

@@ -1,0 +1,64 @@
+// smtp-server, adjusted where its defaults are wrong for a submission relay. Every adjustment is
+// here, in one place, each with its reason and a test (test/intake-protocol.test.ts):
+//
+// 1. No 100 ms wait before the greeting. smtp-server delays every greeting to catch "early
+//    talkers" (spam bots that send before the banner). Our clients are authenticated devices and
+//    allow-listed networks, and the delay caps one device sending one message per connection at
+//    ~9 messages/s. There is no option for it, so `connect()` starts the session without it.
+// 2. TCP_NODELAY on every accepted socket: without it, Nagle's algorithm meets the client's
+//    delayed ACK and each multi-packet reply stalls ~40 ms.
+// 3. AUTH is not advertised before TLS (smtp-server lists it in EHLO on a cleartext connection
+//    even though it refuses to run it there). Clients that see AUTH may send the password in clear.
+// 4. Replies whose text already starts with an enhanced status code (our SmtpReplyError texts)
+//    are sent as they are, instead of getting smtp-server's generic code put in front.
+import type net from 'node:net';
+import type tls from 'node:tls';
+import { SMTPServer, type SMTPServerOptions } from 'smtp-server';
+import { SMTPConnection } from 'smtp-server/lib/smtp-connection.js';
+
+const ENHANCED_PREFIX = /^[245]\.\d{1,3}\.\d{1,3} /;
+
+export interface PosternSmtpServerOptions extends SMTPServerOptions {
+  /** Keep AUTH out of EHLO until the connection is encrypted (unless insecure AUTH is allowed). */
+  hideAuthBeforeTls?: boolean;
+}
+
+type InternalConnection = SMTPConnection & {
+  secure: boolean;
+  _setListeners(done: () => void): void;
+  connectionReady(): void;
+  send(code: number, data?: string | string[], context?: string | false): void;
+};
+
+export class PosternSmtpServer extends SMTPServer {
+  readonly #hideAuthBeforeTls: boolean;
+
+  constructor(options: PosternSmtpServerOptions) {
+    const { hideAuthBeforeTls, ...rest } = options;
+    super(rest);
+    this.#hideAuthBeforeTls = hideAuthBeforeTls ?? false;
+  }
+
+  override connect(socket: net.Socket | tls.TLSSocket, socketOptions?: any): void {
+    socket.setNoDelay(true);
+    const connection = new SMTPConnection(this, socket, socketOptions) as InternalConnection;
+    this.connections.add(connection);
+    const self = this as unknown as { _onError(err: Error): void; _onClientConnect(data: unknown): void };
+    connection.on('error', (err: Error) => self._onError(err));
+    connection.on('connect', (data: unknown) => self._onClientConnect(data));
+
+    const send = connection.send.bind(connection);
+    const hideAuth = this.#hideAuthBeforeTls;
+    connection.send = (code, data, context) => {
+      if (hideAuth && !connection.secure && Array.isArray(data)) {
+        data = data.filter((line) => !/^AUTH\b/i.test(line));
+      }
+      if (typeof data === 'string' && ENHANCED_PREFIX.test(data)) context = false;
+      send(code, data, context);
+    };
+
+    // smtp-server's init() is `_setListeners(() => setTimeout(connectionReady, 100))`; we keep
+    // everything but the timer. Connection caps are enforced in onConnect with a proper reply.
+    connection._setListeners(() => connection.connectionReady());
+  }
+}

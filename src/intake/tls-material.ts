@@ -1,0 +1,64 @@
+// The certificate the listeners present. When the configured files do not exist, a self-signed
+// one is generated on first start (EC P-256, valid two years) so STARTTLS works out of the box;
+// devices that verify certificates need a real one, and the start-up summary says so.
+import fs from 'node:fs';
+import path from 'node:path';
+import { X509Certificate, createPrivateKey } from 'node:crypto';
+import { generate } from 'selfsigned';
+
+export interface TlsMaterial {
+  cert: string;
+  key: string;
+  generated: boolean;
+  subject: string;
+  validTo: Date;
+}
+
+export async function loadOrCreateTlsMaterial(certFile: string, keyFile: string, hostname: string): Promise<TlsMaterial> {
+  const haveCert = fs.existsSync(certFile);
+  const haveKey = fs.existsSync(keyFile);
+  let generated = false;
+  if (!haveCert && !haveKey) {
+    const now = new Date();
+    const pems = await generate([{ name: 'commonName', value: hostname }], {
+      keyType: 'ec',
+      curve: 'P-256',
+      algorithm: 'sha256',
+      notBeforeDate: new Date(now.getTime() - 60_000),
+      notAfterDate: new Date(now.getTime() + 2 * 365 * 86_400_000),
+      extensions: [
+        { name: 'basicConstraints', cA: false },
+        { name: 'subjectAltName', altNames: [{ type: 2, value: hostname }] },
+      ],
+    });
+    fs.mkdirSync(path.dirname(certFile), { recursive: true, mode: 0o700 });
+    fs.mkdirSync(path.dirname(keyFile), { recursive: true, mode: 0o700 });
+    fs.writeFileSync(keyFile, pems.private, { mode: 0o600 });
+    fs.writeFileSync(certFile, pems.cert, { mode: 0o644 });
+    generated = true;
+  } else if (!haveCert || !haveKey) {
+    throw new Error(
+      `TLS: ${haveCert ? keyFile : certFile} is missing while ${haveCert ? certFile : keyFile} exists; provide both files (or neither, to generate a self-signed pair)`,
+    );
+  }
+  const cert = fs.readFileSync(certFile, 'utf8');
+  const key = fs.readFileSync(keyFile, 'utf8');
+  let x509: X509Certificate;
+  try {
+    x509 = new X509Certificate(cert);
+  } catch (err) {
+    throw new Error(`TLS: ${certFile} is not a PEM certificate: ${(err as Error).message}`);
+  }
+  if (!x509.checkPrivateKey(parseKey(key, keyFile))) {
+    throw new Error(`TLS: the key in ${keyFile} does not belong to the certificate in ${certFile}`);
+  }
+  return { cert, key, generated, subject: x509.subject.replace(/\n/g, ', '), validTo: new Date(x509.validTo) };
+}
+
+function parseKey(pem: string, file: string) {
+  try {
+    return createPrivateKey(pem);
+  } catch (err) {
+    throw new Error(`TLS: ${file} is not a PEM private key: ${(err as Error).message}`);
+  }
+}

@@ -1,0 +1,72 @@
+// One running Postern: store, intake listeners and the queue runner, started and stopped in order.
+// Stop order matters: first no new mail (listeners close, sessions in DATA may finish), then the
+// deliveries finish or are released back to the queue, then the store closes cleanly.
+import { Authenticator } from './accounts/authenticator.js';
+import type { Config } from './config/load-config.js';
+import { type BoundListener, Intake } from './intake/intake.js';
+import { type TlsMaterial, loadOrCreateTlsMaterial } from './intake/tls-material.js';
+import type { Logger } from './observe/logger.js';
+import { QueueRunner } from './queue/queue-runner.js';
+import { openStore } from './store/open-store.js';
+import type { Store } from './store/store.js';
+
+export interface Postern {
+  config: Config;
+  store: Store;
+  intake: Intake;
+  listeners: BoundListener[];
+  tls: TlsMaterial;
+  stop(): Promise<void>;
+}
+
+export interface StartOptions {
+  /** How long sessions and deliveries in progress get to finish on stop. */
+  stopGraceMs?: number;
+}
+
+export async function startPostern(config: Config, logger: Logger, options: StartOptions = {}): Promise<Postern> {
+  const store = await openStore(config.dataDir);
+  let intake: Intake | undefined;
+  let runner: QueueRunner | undefined;
+  try {
+    const tls = await loadOrCreateTlsMaterial(config.tls.certFile, config.tls.keyFile, config.hostname);
+    runner = new QueueRunner({ store, config, logger });
+    await runner.start();
+    const queueRunner = runner;
+    intake = new Intake({
+      config,
+      store,
+      authenticator: new Authenticator(store),
+      logger,
+      tls,
+      onQueued: () => queueRunner.notify(),
+    });
+    const listeners = await intake.start();
+    for (const l of listeners) logger.info({ event: 'listening', listener: l.kind, host: l.host, port: l.port }, `${l.kind} listening`);
+    const grace = options.stopGraceMs ?? 10_000;
+    let stopping: Promise<void> | undefined;
+    const started = intake;
+    return {
+      config,
+      store,
+      intake: started,
+      listeners,
+      tls,
+      stop() {
+        stopping ??= (async () => {
+          logger.info({ event: 'stopping' }, 'stopping: no new connections');
+          await started.close(grace);
+          await queueRunner.stop(grace);
+          await store.close();
+          logger.info({ event: 'stopped' }, 'stopped');
+        })();
+        return stopping;
+      },
+    };
+  } catch (err) {
+    await intake?.close(0).catch(() => undefined);
+    await runner?.stop(0).catch(() => undefined);
+    await store.close().catch(() => undefined);
+    throw err;
+  }
+}
