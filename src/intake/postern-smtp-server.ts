@@ -11,10 +11,13 @@
 //    even though it refuses to run it there). Clients that see AUTH may send the password in clear.
 // 4. Replies whose text already starts with an enhanced status code (our SmtpReplyError texts)
 //    are sent as they are, instead of getting smtp-server's generic code put in front.
+// 5. smtp-server's "538 Error: Must issue a STARTTLS command first" becomes the registry's
+//    AUTH_NEEDS_TLS reply, which says what to change on the device.
 import type net from 'node:net';
 import type tls from 'node:tls';
 import { SMTPServer, type SMTPServerOptions } from 'smtp-server';
 import { SMTPConnection } from 'smtp-server/lib/smtp-connection.js';
+import { smtpError } from '../errors/smtp-errors.js';
 
 const ENHANCED_PREFIX = /^[245]\.\d{1,3}\.\d{1,3} /;
 
@@ -53,6 +56,7 @@ export class PosternSmtpServer extends SMTPServer {
       if (hideAuth && !connection.secure && Array.isArray(data)) {
         data = data.filter((line) => !/^AUTH\b/i.test(line));
       }
+      if (code === 538) data = smtpError('AUTH_NEEDS_TLS').message;
       if (typeof data === 'string' && ENHANCED_PREFIX.test(data)) context = false;
       send(code, data, context);
     };

@@ -1,0 +1,425 @@
+// One outbound SMTP connection, opened and driven with promises. Opening walks the resolved hosts:
+// mx-connect gets a TCP connection (falling back across hosts and addresses when a connect fails),
+// then nodemailer's SMTPConnection takes the connected socket (`connection` option) for greeting,
+// EHLO, STARTTLS and transactions (PIPELINING when offered). A host that connects but then fails
+// the SMTP setup (421 greeting, greeting timeout, required TLS missing) is skipped and the next one
+// is tried, via mx-connect's ignore list, so "first MX unhealthy" still delivers on the second.
+//
+// Nothing here throws for a delivery problem: opening returns a failure outcome, and a transaction
+// returns one outcome per recipient, because per-recipient RCPT replies matter (one 550 and one 250
+// in the same transaction are two different results).
+import net from 'node:net';
+import type { Readable } from 'node:stream';
+import mxConnect, { type MxConnection, type MxConnectError } from 'mx-connect';
+import SMTPConnection from 'nodemailer/lib/smtp-connection';
+import { type DeliveryError, deliveryError, parseReply } from './delivery-error.js';
+import type { DeliveryOutcome, TlsMode } from './delivery-target.js';
+import type { MailHost } from './mx-resolver.js';
+
+export interface SmtpSessionOptions {
+  /** For messages: the recipient domain or the route ("relay.internal:25"). */
+  destination: string;
+  hosts: MailHost[];
+  port: number;
+  tls: TlsMode;
+  /** Sent with EHLO (config.hostname). */
+  heloName: string;
+  /** Per address for TCP connect, and for the greeting + EHLO + STARTTLS setup. */
+  connectTimeout: number;
+  /** Longest silence allowed while waiting for a reply. */
+  commandTimeout: number;
+  signal?: AbortSignal;
+  /** Hosts that connect but fail SMTP setup before we give up (default 5). */
+  maxSetupAttempts?: number;
+}
+
+export interface TransactionEnvelope {
+  /** '' for the null sender. */
+  from: string;
+  to: string[];
+  size: number;
+}
+
+export interface TransactionResult {
+  /** Keyed by the address exactly as given in `to`. */
+  replies: Map<string, DeliveryOutcome>;
+  /** false when the connection is gone or in an unknown state. */
+  reusable: boolean;
+}
+
+export type OpenResult = { session: SmtpSession; failure?: undefined } | { session?: undefined; failure: DeliveryOutcome };
+
+/** The fields of nodemailer's errors we read. */
+interface SmtpClientError extends Error {
+  code?: string;
+  command?: string;
+  response?: string;
+  responseCode?: number;
+  recipient?: string;
+  timeoutType?: string;
+  rejectedErrors?: SmtpClientError[];
+}
+
+/** nodemailer keeps the per-RCPT replies on the envelope; its error paths do not always carry them. */
+interface ConnectionInternals {
+  _envelope?: { rejectedErrors?: SmtpClientError[] } | false;
+}
+
+export class SmtpSession {
+  readonly remoteMta: string;
+  readonly remoteIp: string;
+  /** "mx1.example.com[192.0.2.1]:25", for messages and logs. */
+  readonly server: string;
+  /** Transactions run on this connection, for the pool's reuse limit. */
+  transactions = 0;
+  readonly #connection: SMTPConnection;
+  readonly #destination: string;
+  readonly #closeTimeout: number;
+  #closed = false;
+  readonly #closeListeners: (() => void)[] = [];
+
+  /** Use SmtpSession.open(). */
+  private constructor(connection: SMTPConnection, mx: MxConnection, options: SmtpSessionOptions) {
+    this.#connection = connection;
+    this.#destination = options.destination;
+    this.#closeTimeout = Math.min(options.commandTimeout, 2000);
+    this.remoteMta = mx.hostname;
+    this.remoteIp = mx.host;
+    this.server = serverLabel(mx.hostname, mx.host, mx.port);
+    connection.on('end', () => this.#markClosed());
+  }
+
+  get secure(): boolean {
+    return this.#connection.secure;
+  }
+
+  get closed(): boolean {
+    return this.#closed || this.#connection.destroyed;
+  }
+
+  /**
+   * Called once when the connection goes away (the server closed an idle session, QUIT, error).
+   * Returns a function that removes the listener.
+   */
+  onClose(listener: () => void): () => void {
+    if (this.closed) {
+      listener();
+      return () => {};
+    }
+    this.#closeListeners.push(listener);
+    return () => {
+      const i = this.#closeListeners.indexOf(listener);
+      if (i >= 0) this.#closeListeners.splice(i, 1);
+    };
+  }
+
+  /**
+   * Connects to the first host that completes greeting, EHLO and (as the TLS mode asks) STARTTLS.
+   * A failure is always "deferred": a bad server today may be fine tomorrow.
+   */
+  static async open(options: SmtpSessionOptions): Promise<OpenResult> {
+    const maxAttempts = options.maxSetupAttempts ?? 5;
+    const tried: string[] = [];
+    let lastFailure: DeliveryOutcome | undefined;
+    for (let attempt = 0; attempt < maxAttempts; attempt++) {
+      if (options.signal?.aborted) return { failure: deliveryError('INTERRUPTED').toOutcome() };
+      let mx: MxConnection;
+      try {
+        mx = await connectTcp(options, options.hosts, tried);
+      } catch (err) {
+        // Nothing left to try (or nothing reachable): the SMTP-level reason, when there was one,
+        // says more than "connection refused" from the last host.
+        if (lastFailure) return { failure: lastFailure };
+        // "Network error when connecting to MX server mx1[192.0.2.1] for example.com: Connection refused"
+        const reason = (err as MxConnectError).message.replace(/^Network error when connecting to MX server (\S+) for [^:]+: /, '$1: ');
+        return { failure: deliveryError('CONNECT_FAILED', { destination: options.destination, reason }).toOutcome() };
+      }
+      tried.push(mx.host);
+      let result = await SmtpSession.#handshake(mx, options, options.tls);
+      if ('failure' in result && options.tls === 'opportunistic' && result.tlsHandshakeFailed) {
+        // Opportunistic TLS: a broken TLS stack on the server must not stop delivery. Reconnect
+        // to the same address and stay in plaintext, as Postfix does at security level "may".
+        const host = options.hosts.find((h) => h.exchange === mx.hostname) ?? { exchange: mx.hostname, priority: 0 };
+        try {
+          const again = await connectTcp(options, [{ ...host, A: net.isIPv4(mx.host) ? [mx.host] : [], AAAA: net.isIPv6(mx.host) ? [mx.host] : [] }], []);
+          result = await SmtpSession.#handshake(again, options, 'none');
+        } catch {
+          // keep the TLS failure as the reason
+        }
+      }
+      if ('session' in result) return { session: result.session };
+      lastFailure = { ...result.failure, status: 'deferred' };
+    }
+    return { failure: lastFailure ?? deliveryError('CONNECT_FAILED', { destination: options.destination, reason: 'no host' }).toOutcome() };
+  }
+
+  /** Greeting, EHLO and STARTTLS over a connected socket. */
+  static #handshake(mx: MxConnection, options: SmtpSessionOptions, tls: TlsMode): Promise<HandshakeResult> {
+    const servername = net.isIP(mx.hostname) ? undefined : mx.hostname;
+    const connection = new SMTPConnection({
+      connection: mx.socket,
+      host: mx.host,
+      port: mx.port,
+      servername,
+      name: options.heloName,
+      ignoreTLS: tls === 'none',
+      requireTLS: tls === 'required',
+      opportunisticTLS: tls === 'opportunistic',
+      // MX certificates are often self-signed or for another name; without DANE or MTA-STS there is
+      // nothing to verify them against, so TLS here protects against passive listening only (the
+      // same as Postfix's "may" and "encrypt" levels).
+      tls: { rejectUnauthorized: false, ...(servername ? { servername } : {}) },
+      connectionTimeout: options.connectTimeout,
+      greetingTimeout: options.connectTimeout,
+      socketTimeout: options.commandTimeout,
+      socketCloseTimeout: Math.min(options.commandTimeout, 2000),
+      logger: false,
+    });
+    const server = serverLabel(mx.hostname, mx.host, mx.port);
+    // nodemailer emits 'error' besides calling back; an unhandled one would crash the process.
+    connection.on('error', () => {});
+    return new Promise((resolve) => {
+      let settled = false;
+      const onAbort = () => connection.close();
+      const finish = (err?: SmtpClientError) => {
+        if (settled) return;
+        settled = true;
+        options.signal?.removeEventListener('abort', onAbort);
+        connection.removeListener('error', finish);
+        connection.removeListener('end', onEnd);
+        if (!err && !connection.destroyed) {
+          // A session the caller opened is the caller's to close, including on abort.
+          resolve({ session: new SmtpSession(connection, mx, options) });
+          return;
+        }
+        connection.close();
+        const error: SmtpClientError = err ?? Object.assign(new Error('connection closed during setup'), { code: 'ECONNECTION' });
+        if (options.signal?.aborted) {
+          resolve({ failure: deliveryError('INTERRUPTED').toOutcome(), tlsHandshakeFailed: false });
+          return;
+        }
+        // A failed TLS handshake shows up as a socket error while nodemailer is still upgrading.
+        const tlsHandshakeFailed =
+          connection.upgrading === true || (error.code === 'ETLS' && !(error.command === 'STARTTLS' && error.responseCode));
+        if (tlsHandshakeFailed) error.code = 'ETLS';
+        const failure = classifyError(error, server, options.destination, mx.hostname, mx.host, 0);
+        resolve({ failure: { ...failure, status: 'deferred' }, tlsHandshakeFailed });
+      };
+      const onEnd = () => finish(Object.assign(new Error('connection closed during setup'), { code: 'ECONNECTION' }));
+      options.signal?.addEventListener('abort', onAbort, { once: true });
+      connection.once('error', finish);
+      connection.once('end', onEnd);
+      connection.connect((err) => finish(err as SmtpClientError | undefined));
+    });
+  }
+
+  /**
+   * One mail transaction. Recipients the server refused keep their own RCPT reply; the others
+   * get the reply to the message (the final "250 ok", or the DATA rejection), or the connection
+   * problem that ended the transaction.
+   */
+  send(envelope: TransactionEnvelope, body: Readable): Promise<TransactionResult> {
+    this.transactions++;
+    return new Promise((resolve) => {
+      let settled = false;
+      const finish = (err: SmtpClientError | null, info?: SMTPConnection.SentMessageInfo) => {
+        if (settled) return;
+        settled = true;
+        this.#connection.removeListener('end', onEnd);
+        resolve(err ? this.#failedTransaction(envelope, err) : this.#completedTransaction(envelope, info!));
+      };
+      // nodemailer closes the connection (emitting 'end') just before it calls back with the
+      // reason (a 421, a timeout); the callback gets a turn first so the reason is not lost.
+      const onEnd = () =>
+        setImmediate(() => {
+          const err: SmtpClientError = new Error('connection closed');
+          err.code = 'ECONNECTION';
+          finish(err);
+        });
+      if (this.closed) {
+        body.destroy();
+        return onEnd();
+      }
+      this.#connection.once('end', onEnd);
+      // Body problems (missing spool file) surface through the send callback as ESTREAM.
+      this.#connection.send(
+        { from: envelope.from, to: envelope.to, size: envelope.size, use8BitMime: true },
+        body,
+        (err, info) => finish(err as SmtpClientError | null, info),
+      );
+    });
+  }
+
+  /** RSET before reusing the connection for another message. false: do not use it any more. */
+  reset(): Promise<boolean> {
+    if (this.closed) return Promise.resolve(false);
+    return new Promise((resolve) => {
+      let settled = false;
+      const done = (ok: boolean) => {
+        if (settled) return;
+        settled = true;
+        this.#connection.removeListener('end', onEnd);
+        resolve(ok);
+      };
+      const onEnd = () => done(false);
+      this.#connection.once('end', onEnd);
+      this.#connection.reset((err) => done(!err));
+    });
+  }
+
+  /** Polite close: QUIT, then drop the socket if the server does not close it soon. */
+  quit(): void {
+    if (this.closed) return;
+    this.#connection.quit();
+    const timer = setTimeout(() => this.destroy(), this.#closeTimeout);
+    timer.unref();
+  }
+
+  /** Immediate close (shutdown, abort). A transaction in progress ends as "connection lost". */
+  destroy(): void {
+    this.#connection.close();
+    this.#markClosed();
+  }
+
+  #markClosed(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    for (const listener of this.#closeListeners.splice(0)) listener();
+  }
+
+  #completedTransaction(envelope: TransactionEnvelope, info: SMTPConnection.SentMessageInfo): TransactionResult {
+    const replies = new Map<string, DeliveryOutcome>();
+    const ok = parseReply(info.response) ?? { code: 250, enhanced: '2.0.0', response: info.response || '250' };
+    for (const rejected of info.rejectedErrors ?? []) this.#setRejected(replies, rejected as SmtpClientError);
+    for (const address of envelope.to) {
+      if (!replies.has(address)) replies.set(address, this.#remote(ok.code, ok.enhanced, ok.response));
+    }
+    return { replies, reusable: !this.closed };
+  }
+
+  #failedTransaction(envelope: TransactionEnvelope, err: SmtpClientError): TransactionResult {
+    const replies = new Map<string, DeliveryOutcome>();
+    const rejectedErrors =
+      err.rejectedErrors ?? ((this.#connection as unknown as ConnectionInternals)._envelope || undefined)?.rejectedErrors ?? [];
+    // A definite RCPT refusal stands even when the transaction failed afterwards.
+    for (const rejected of rejectedErrors) this.#setRejected(replies, rejected);
+    const outcome = classifyError(err, this.server, this.#destination, this.remoteMta, this.remoteIp, envelope.size);
+    for (const address of envelope.to) if (!replies.has(address)) replies.set(address, outcome);
+    // Replies to MAIL, RCPT and DATA leave the session usable (RSET before the next message);
+    // anything else (timeout, lost connection, body error mid-DATA) does not.
+    const reusable = (err.code === 'EENVELOPE' || err.code === 'EMESSAGE') && !this.closed;
+    if (!reusable) this.destroy();
+    return { replies, reusable };
+  }
+
+  #setRejected(replies: Map<string, DeliveryOutcome>, rejected: SmtpClientError): void {
+    if (!rejected.recipient || !rejected.response) return;
+    const reply = parseReply(rejected.response);
+    if (reply) replies.set(rejected.recipient, this.#remote(reply.code, reply.enhanced, reply.response));
+  }
+
+  #remote(code: number, enhanced: string, response: string): DeliveryOutcome {
+    return { status: statusForCode(code), code, enhanced, response, remoteMta: this.remoteMta, remoteIp: this.remoteIp };
+  }
+}
+
+/**
+ * 2xx delivered, 4xx deferred, 5xx failed. 503 (bad sequence of commands) is deferred: it says
+ * the session was confused, not that the message was refused (nodemailer treats it the same way).
+ */
+export function statusForCode(code: number): DeliveryOutcome['status'] {
+  if (code >= 200 && code < 400) return 'delivered';
+  if (code >= 500 && code !== 503) return 'failed';
+  return 'deferred';
+}
+
+function connectTcp(options: SmtpSessionOptions, hosts: MailHost[], ignore: string[]): Promise<MxConnection> {
+  return mxConnect({
+    target: options.destination,
+    mx: hosts.map((h) => ({ exchange: h.exchange, priority: h.priority, A: h.A, AAAA: h.AAAA })),
+    port: options.port,
+    maxConnectTime: options.connectTimeout,
+    ignoreMXHosts: ignore,
+    // Routes, private networks and the tests deliver to loopback and RFC 1918 addresses.
+    dnsOptions: { ignoreIPv6: false, preferIPv6: false, blockLocalAddresses: false },
+  }).then((mx) => {
+    // Nagle plus the server's delayed ACK would stall each pipelined batch for ~40 ms.
+    mx.socket.setNoDelay(true);
+    return mx;
+  });
+}
+
+type HandshakeResult =
+  | { session: SmtpSession }
+  | {
+      failure: DeliveryOutcome;
+      /** The TLS handshake itself failed (not "STARTTLS not offered"): worth a plaintext retry. */
+      tlsHandshakeFailed: boolean;
+    };
+
+/** Turns a nodemailer error into an outcome: the remote reply when there is one, else ours. */
+function classifyError(
+  err: SmtpClientError,
+  server: string,
+  destination: string,
+  remoteMta: string,
+  remoteIp: string,
+  size: number,
+): DeliveryOutcome {
+  const where = { remoteMta, remoteIp };
+  if (err.code === 'ETLS' && err.command === 'STARTTLS' && err.responseCode) {
+    return deliveryError('TLS_UNAVAILABLE', { destination, server }).toOutcome(where);
+  }
+  const reply = err.response ? parseReply(err.response) : null;
+  if (reply) {
+    return { status: statusForCode(reply.code), code: reply.code, enhanced: reply.enhanced, response: reply.response, ...where };
+  }
+  const reason = describe(err);
+  let error: DeliveryError;
+  switch (err.code) {
+    case 'ETIMEDOUT':
+      error = deliveryError('TIMEOUT', { server, reason });
+      break;
+    case 'ETLS':
+      error = deliveryError('TLS_FAILED', { server, reason });
+      break;
+    case 'EPROTOCOL':
+      error = deliveryError('PROTOCOL', { server, reason });
+      break;
+    case 'ESTREAM':
+      error = deliveryError('BODY_UNREADABLE', { reason });
+      break;
+    case 'EMESSAGE': {
+      // Raised before MAIL FROM when the message is bigger than the server's SIZE.
+      const limit = /allowed (\d+)/.exec(err.message)?.[1];
+      error = limit
+        ? deliveryError('MESSAGE_TOO_BIG', { size, limit, server })
+        : deliveryError('PROTOCOL', { server, reason });
+      break;
+    }
+    case 'ECONNECTION':
+    case 'ESOCKET':
+      error = deliveryError('CONNECTION_LOST', { server, reason });
+      break;
+    default:
+      error = deliveryError('INTERNAL', { reason });
+  }
+  return error.toOutcome(where);
+}
+
+function describe(err: SmtpClientError): string {
+  const timeouts: Record<string, string> = {
+    GREETING_TIMEOUT: 'no greeting',
+    SOCKET_TIMEOUT: `no reply${err.command && err.command !== 'CONN' ? ` to ${err.command}` : ''}`,
+    UPGRADE_TIMEOUT: 'TLS handshake took too long',
+  };
+  if (err.timeoutType && timeouts[err.timeoutType]) return timeouts[err.timeoutType]!;
+  // OpenSSL's "80AC...:error:0A000410:SSL routines:ssl3_read_bytes:sslv3 alert handshake failure:..."
+  const openssl = /SSL routines:[^:]*:([^:]+)/.exec(err.message);
+  if (openssl) return openssl[1]!.trim();
+  return err.message.replace(/^Error initiating TLS - /, '').split('\n')[0]!.trim();
+}
+
+function serverLabel(hostname: string, ip: string, port: number): string {
+  return hostname && hostname !== ip ? `${hostname}[${ip}]:${port}` : `[${ip}]:${port}`;
+}

@@ -1,0 +1,151 @@
+// SMTP delivery to one destination: an MX set or a static route. Both are "a list of hosts to try
+// on some port with some TLS policy"; they differ only in how the host list is found, so one class
+// serves both and the Router gives it the right `resolve`.
+//
+// Per job: take a connection slot from the pool, reuse an idle connection to the same destination
+// or resolve and open a new one, run one transaction per batch of recipients (RSET between
+// batches), and hand the connection back for the next message. Every problem becomes a
+// per-recipient result; nothing throws.
+import type { ConnectionPool, PoolLease } from './connection-pool.js';
+import { DeliveryError, deliveryError } from './delivery-error.js';
+import type { DeliveryJob, DeliveryOutcome, DeliveryTarget, RecipientResult, TlsMode } from './delivery-target.js';
+import type { MailHost } from './mx-resolver.js';
+import { SmtpSession } from './smtp-session.js';
+
+export interface SmtpDestination {
+  /** Pool key: connections and the per-destination cap are shared by everything with this key. */
+  key: string;
+  /** For logs: "mx example.com", "route relay.internal:25". */
+  description: string;
+  /** For status texts: "example.com", "relay.internal:25". */
+  name: string;
+  port: number;
+  tls: TlsMode;
+  /** The hosts to try, best first. Throws a DeliveryError when there are none. */
+  resolve(): Promise<MailHost[]>;
+}
+
+export interface SmtpTargetOptions {
+  pool: ConnectionPool;
+  /** EHLO name (config.hostname). */
+  heloName: string;
+  connectTimeout: number;
+  commandTimeout: number;
+  /** Recipients per transaction (default 50, Postfix's default); more go in further transactions. */
+  maxRecipientsPerTransaction?: number;
+}
+
+export class SmtpTarget implements DeliveryTarget {
+  readonly #destination: SmtpDestination;
+  readonly #options: SmtpTargetOptions;
+
+  constructor(destination: SmtpDestination, options: SmtpTargetOptions) {
+    this.#destination = destination;
+    this.#options = options;
+  }
+
+  get description(): string {
+    return this.#destination.description;
+  }
+
+  get key(): string {
+    return this.#destination.key;
+  }
+
+  async deliver(job: DeliveryJob): Promise<RecipientResult[]> {
+    // The same address twice in one message is delivered once (and both get its result).
+    const unique = new Map<string, string>();
+    for (const r of job.recipients) if (!unique.has(r.address.toLowerCase())) unique.set(r.address.toLowerCase(), r.address);
+    const outcomes = await this.#deliverUnique(job, [...unique.values()]);
+    return job.recipients.map((r) => {
+      const outcome =
+        outcomes.get(unique.get(r.address.toLowerCase())!) ?? deliveryError('INTERNAL', { reason: 'no result' }).toOutcome();
+      return { ...outcome, index: r.index };
+    });
+  }
+
+  async #deliverUnique(job: DeliveryJob, addresses: string[]): Promise<Map<string, DeliveryOutcome>> {
+    const outcomes = new Map<string, DeliveryOutcome>();
+    const all = (outcome: DeliveryOutcome) => {
+      for (const a of addresses) if (!outcomes.has(a)) outcomes.set(a, outcome);
+      return outcomes;
+    };
+    const signal = job.signal;
+
+    let lease: PoolLease;
+    try {
+      lease = await this.#options.pool.acquire(this.#destination.key, signal);
+    } catch (err) {
+      return all(
+        signal?.aborted
+          ? deliveryError('INTERRUPTED').toOutcome()
+          : deliveryError('INTERNAL', { reason: (err as Error).message }).toOutcome(),
+      );
+    }
+
+    let session: SmtpSession | undefined;
+    const onAbort = () => session?.destroy();
+    signal?.addEventListener('abort', onAbort, { once: true });
+    let reusable = false;
+    try {
+      session = await lease.takeIdle();
+      if (!session) {
+        const opened = await this.#open(signal);
+        if ('failure' in opened) return all(opened.failure);
+        session = opened.session;
+      }
+      if (signal?.aborted) return all(deliveryError('INTERRUPTED').toOutcome());
+
+      const batchSize = this.#options.maxRecipientsPerTransaction ?? 50;
+      for (let start = 0; start < addresses.length; start += batchSize) {
+        const batch = addresses.slice(start, start + batchSize);
+        if (start > 0 && !(await session.reset())) {
+          reusable = false;
+          return all(deliveryError('CONNECTION_LOST', { server: session.server, reason: 'RSET failed' }).toOutcome());
+        }
+        if (signal?.aborted) return all(deliveryError('INTERRUPTED').toOutcome());
+        let body;
+        try {
+          body = job.body();
+        } catch (err) {
+          return all(deliveryError('BODY_UNREADABLE', { reason: (err as Error).message }).toOutcome());
+        }
+        const tx = await session.send({ from: job.sender, to: batch, size: job.size }, body);
+        for (const [address, outcome] of tx.replies) outcomes.set(address, outcome);
+        reusable = tx.reusable;
+        if (!reusable) {
+          // The rest of the recipients wait for a fresh connection on the next attempt.
+          return all(deliveryError('CONNECTION_LOST', { server: session.server, reason: 'session ended' }).toOutcome());
+        }
+      }
+      return outcomes;
+    } catch (err) {
+      reusable = false;
+      return all(deliveryError('INTERNAL', { reason: (err as Error).message }).toOutcome());
+    } finally {
+      signal?.removeEventListener('abort', onAbort);
+      lease.release(session, reusable && !signal?.aborted);
+    }
+  }
+
+  async #open(signal: AbortSignal | undefined): Promise<{ session: SmtpSession } | { failure: DeliveryOutcome }> {
+    let hosts: MailHost[];
+    try {
+      hosts = await this.#destination.resolve();
+    } catch (err) {
+      if (err instanceof DeliveryError) return { failure: err.toOutcome() };
+      return { failure: deliveryError('INTERNAL', { reason: (err as Error).message }).toOutcome() };
+    }
+    const opened = await SmtpSession.open({
+      destination: this.#destination.name,
+      hosts,
+      port: this.#destination.port,
+      tls: this.#destination.tls,
+      heloName: this.#options.heloName,
+      connectTimeout: this.#options.connectTimeout,
+      commandTimeout: this.#options.commandTimeout,
+      signal,
+    });
+    return opened.session ? { session: opened.session } : { failure: opened.failure! };
+  }
+}
