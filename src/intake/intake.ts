@@ -325,7 +325,7 @@ export class Intake {
       'message queued',
     );
     this.#options.onQueued?.(queueId);
-    return `Ok: queued as ${queueId}`;
+    return `2.0.0 Ok: queued as ${queueId}`;
   }
 }
 
@@ -338,7 +338,8 @@ function isValidMailbox(address: string): boolean {
     const literal = domain.slice(1, -1).replace(/^IPv6:/i, '');
     return net.isIP(literal) !== 0;
   }
-  return /^(?=.{1,253}$)([\p{L}\p{N}]([\p{L}\p{N}-]{0,61}[\p{L}\p{N}])?)(\.[\p{L}\p{N}]([\p{L}\p{N}-]{0,61}[\p{L}\p{N}])?)+$/u.test(domain);
+  // Single-label domains are allowed: a [[route]] may serve an internal name.
+  return /^(?=.{1,253}$)[\p{L}\p{N}]([\p{L}\p{N}-]{0,61}[\p{L}\p{N}])?(\.[\p{L}\p{N}]([\p{L}\p{N}-]{0,61}[\p{L}\p{N}])?)*$/u.test(domain);
 }
 
 function printable(value: string): string {

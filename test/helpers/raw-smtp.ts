@@ -33,6 +33,10 @@ export class RawSmtp {
     return new RawSmtp(socket);
   }
 
+  get localPort(): number | undefined {
+    return this.#socket.localPort;
+  }
+
   get closed(): boolean {
     return this.#closed;
   }
