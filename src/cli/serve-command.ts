@@ -14,19 +14,16 @@ export function registerServeCommand(program: Command): void {
     .action(async (_opts: unknown, cmd: Command) => {
       const config = configFor(cmd);
       const logger = createLogger({ level: process.env.POSTERN_LOG_LEVEL ?? config.log.level });
+      // Handlers first: a SIGTERM that arrives while starting must still stop cleanly.
+      const signalled = new Promise<string>((resolve) => {
+        process.once('SIGTERM', () => resolve('SIGTERM'));
+        process.once('SIGINT', () => resolve('SIGINT'));
+      });
       const postern = await startPostern(config, logger);
       process.stderr.write(await summary(postern));
-      await new Promise<void>((resolve) => {
-        const stop = (signal: string) => {
-          logger.info({ event: 'signal', signal }, `${signal} received`);
-          postern.stop().then(resolve, (err: Error) => {
-            logger.error({ err: err.message }, 'error while stopping');
-            resolve();
-          });
-        };
-        process.once('SIGTERM', () => stop('SIGTERM'));
-        process.once('SIGINT', () => stop('SIGINT'));
-      });
+      const signal = await signalled;
+      logger.info({ event: 'signal', signal }, `${signal} received`);
+      await postern.stop().catch((err: Error) => logger.error({ err: err.message }, 'error while stopping'));
       logger.flush();
     });
 }
