@@ -1,13 +1,12 @@
 // The `postern` command as a person runs it: real processes, real files, exit codes and output.
-import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import nodemailer from 'nodemailer';
 import { afterAll, describe, expect, it } from 'vitest';
+import { BIN, killAllServeProcesses, startServeProcess } from './helpers/serve-process.js';
 import { tempDir } from './helpers/temp-dir.js';
-
-const BIN = path.resolve('bin/postern.js');
 
 function run(args: string[], options: { cwd: string; input?: string }) {
   const r = spawnSync(process.execPath, [BIN, ...args], { cwd: options.cwd, input: options.input ?? '', encoding: 'utf8' });
@@ -28,40 +27,9 @@ ${extra}`,
   return file;
 }
 
-const children: ChildProcess[] = [];
-afterAll(() => {
-  for (const c of children) c.kill('SIGKILL');
-});
+afterAll(() => killAllServeProcesses());
 
-/** Starts `postern serve` and resolves with its listeners once they are listening. */
-export async function serve(cwd: string, args: string[] = []): Promise<{ child: ChildProcess; ports: Record<string, number>; stderr: () => string }> {
-  const child = spawn(process.execPath, [BIN, 'serve', ...args], { cwd, stdio: ['ignore', 'pipe', 'pipe'] });
-  children.push(child);
-  let out = '';
-  let err = '';
-  child.stderr!.on('data', (d) => (err += d));
-  const ports: Record<string, number> = {};
-  await new Promise<void>((resolve, reject) => {
-    child.stdout!.on('data', (d) => {
-      out += d;
-      for (const line of out.split('\n')) {
-        if (!line.startsWith('{')) continue;
-        try {
-          const j = JSON.parse(line) as { event?: string; listener?: string; port?: number };
-          if (j.event === 'listening' && j.listener && j.port) ports[j.listener] = j.port;
-        } catch {
-          /* partial line */
-        }
-      }
-      if (err.includes('Postern ready')) resolve();
-    });
-    child.stderr!.on('data', () => {
-      if (err.includes('Postern ready')) resolve();
-    });
-    child.once('exit', (code) => reject(new Error(`serve exited with ${code}: ${err}`)));
-  });
-  return { child, ports, stderr: () => err };
-}
+const serve = (cwd: string) => startServeProcess({ cwd });
 
 describe('postern account', () => {
   it('adds with a generated password shown once, lists, shows, sets and removes', () => {
@@ -126,9 +94,7 @@ describe('postern account', () => {
     run(['account', 'set', 'app@example.com', '--smtp-auth', 'off'], { cwd: dir });
     const refused = await transport.verify().catch((e: { response?: string }) => e.response);
     expect(refused).toMatch(/^535 5\.7\.139 /);
-    server.child.kill('SIGTERM');
-    const code = await new Promise((r) => server.child.once('exit', r));
-    expect(code).toBe(0);
+    expect(await server.stop()).toBe(0);
   });
 });
 
@@ -143,8 +109,7 @@ describe('postern serve', () => {
     expect(server.stderr()).toContain('npx postern account add printer@example.com --generate');
     expect(fs.existsSync(path.join(dir, 'data/tls/cert.pem'))).toBe(true);
     expect(fs.statSync(path.join(dir, 'data/tls/key.pem')).mode & 0o077).toBe(0);
-    server.child.kill('SIGTERM');
-    expect(await new Promise((r) => server.child.once('exit', r))).toBe(0);
+    expect(await server.stop()).toBe(0);
   });
 
   it('stops with the file, key and reason on a bad config', () => {
@@ -176,22 +141,12 @@ describe('default ports without privileges', () => {
   it('falls back from 587/465 to 2587/2465 and says how to get 587', async () => {
     const dir = tempDir();
     // Root without CAP_NET_BIND_SERVICE: binding 587 fails with EACCES, as for an ordinary user.
-    const child = spawn('setpriv', ['--bounding-set=-net_bind_service', process.execPath, BIN, 'serve'], {
-      cwd: dir,
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
-    children.push(child);
-    let err = '';
-    child.stderr!.on('data', (d) => (err += d));
-    await new Promise<void>((resolve, reject) => {
-      child.stderr!.on('data', () => err.includes('Postern ready') && resolve());
-      child.once('exit', (code) => reject(new Error(`exited ${code}: ${err}`)));
-    });
+    const server = await startServeProcess({ cwd: dir, prefix: ['setpriv', '--bounding-set=-net_bind_service'] });
+    const err = server.stderr();
     expect(err).toMatch(/submission\s+\S+:2587\s+STARTTLS/);
     expect(err).toMatch(/smtps\s+\S+:2465\s+implicit TLS/);
     expect(err).toContain('port 587 needs privileges; using 2587. For 587: run as root, or `sudo setcap cap_net_bind_service=+ep');
     expect(err).toContain('config: built-in defaults');
-    child.kill('SIGTERM');
-    expect(await new Promise((r) => child.once('exit', r))).toBe(0);
+    expect(await server.stop()).toBe(0);
   });
 });

@@ -3,21 +3,21 @@
 // on the same data directory, and killed again. At the end every Message-ID that got a 250 must
 // have reached the sink. Duplicates are allowed (a delivery cut after the remote's 250 is retried)
 // and are counted.
-import { type ChildProcess, spawn } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import nodemailer from 'nodemailer';
 import { afterAll, describe, expect, it } from 'vitest';
+import { killAllServeProcesses, startServeProcess } from './helpers/serve-process.js';
 import { SinkServer } from './helpers/sink-server.js';
 import { tempDir } from './helpers/temp-dir.js';
 
-const BIN = path.resolve('bin/postern.js');
 const ROUNDS = 3;
 const WORKERS = 6;
 
 let child: ChildProcess | undefined;
-afterAll(() => child?.kill('SIGKILL'));
+afterAll(() => killAllServeProcesses());
 
 async function freePort(): Promise<number> {
   const s = net.createServer();
@@ -28,19 +28,8 @@ async function freePort(): Promise<number> {
 }
 
 async function startServer(dir: string): Promise<ChildProcess> {
-  const proc = spawn(process.execPath, [BIN, 'serve', '--config', path.join(dir, 'postern.toml')], {
-    stdio: ['ignore', 'pipe', 'pipe'],
-    env: { ...process.env, POSTERN_LOG_LEVEL: 'warn' },
-  });
-  let err = '';
-  await new Promise<void>((resolve, reject) => {
-    proc.stderr!.on('data', (d) => {
-      err += d;
-      if (err.includes('Postern ready')) resolve();
-    });
-    proc.once('exit', (code) => reject(new Error(`postern exited with ${code}: ${err}`)));
-  });
-  return proc;
+  const server = await startServeProcess({ cwd: dir, args: ['--config', path.join(dir, 'postern.toml')], env: { POSTERN_LOG_LEVEL: 'warn' } });
+  return server.child;
 }
 
 function messageIdOf(text: string): string | undefined {
