@@ -14,6 +14,7 @@ import { newQueueId } from '../src/store/queue-id.js';
 import type { NewRecipient, QueuedMessage, Store } from '../src/store/store.js';
 import { type DnsZone, TestDnsServer } from './helpers/dns-server.js';
 import { type SinkOptions, SinkServer } from './helpers/sink-server.js';
+import { waitFor } from './helpers/wait-for.js';
 
 // ---- harness ------------------------------------------------------------------------------
 
@@ -102,16 +103,6 @@ async function startSink(options?: SinkOptions): Promise<SinkServer> {
   return sink;
 }
 
-/** Polls until `check` returns a value that is not undefined/false, or fails after `timeoutMs`. */
-async function waitFor<T>(check: () => Promise<T | undefined | false> | T | undefined | false, timeoutMs = 8000): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const value = await check();
-    if (value !== undefined && value !== false) return value;
-    if (Date.now() > deadline) throw new Error('waitFor: timed out');
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}
 
 /** Waits until no recipient of the message is queued or in flight, returns the message. */
 async function settled(h: Harness, queueId: string, timeoutMs?: number): Promise<QueuedMessage> {

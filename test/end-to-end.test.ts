@@ -5,6 +5,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { TestDnsServer } from './helpers/dns-server.js';
 import { type TestPostern, startTestPostern } from './helpers/postern-harness.js';
 import { SinkServer } from './helpers/sink-server.js';
+import { waitFor } from './helpers/wait-for.js';
 
 const PASSWORD = 'end to end password';
 let routeSink: SinkServer;
@@ -53,16 +54,6 @@ const device = () =>
     auth: { user: 'printer@example.com', pass: PASSWORD },
   });
 
-async function waitFor<T>(what: string, fn: () => Promise<T | undefined | false>, timeoutMs = 15_000): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await fn();
-    if (v) return v;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
-
 describe('submission to delivery', () => {
   it('delivers a device message through a [[route]] with the headers Postern added', async () => {
     const before = routeSink.messages.length;
@@ -78,10 +69,10 @@ describe('submission to delivery', () => {
     expect(msg!.text).toMatch(new RegExp(`^Received: from .*\\r\\n\\tby relay\\.example\\.test \\(Postern\\) with ESMTPSA id ${queueId}`, 's'));
     expect(msg!.text).toMatch(/\r\nMessage-ID: <[0-9a-f]+@relay\.example\.test>\r\n/);
     expect(msg!.text).toContain('Subject: Scan 0042\r\n\r\nscan attached\r\n');
-    const stored = await waitFor('delivered state', async () => {
+    const stored = await waitFor(async () => {
       const m = await t.postern.store.getMessage(queueId);
       return m?.recipients[0]?.state === 'delivered' && m;
-    });
+    }, 15_000, 'delivered state');
     expect(stored.recipients[0]).toMatchObject({ state: 'delivered', lastCode: 250, attempts: 1 });
     // The log ties the session to the delivery through the queue id.
     const lines = t.logs().filter((l) => l.queueId === queueId);
@@ -140,20 +131,20 @@ describe('submission to delivery', () => {
     const before = routeSink.messages.length;
     const info = await device().sendMail({ from: 'printer@example.com', to: 'later@example.test', subject: 'later', text: 'x' });
     const queueId = /queued as (\S+)/.exec(info.response)![1]!;
-    const deferred = await waitFor('deferral', async () => {
+    const deferred = await waitFor(async () => {
       const m = await t.postern.store.getMessage(queueId);
       return m?.recipients[0]?.state === 'deferred' && m.recipients[0];
-    });
+    }, 15_000, 'deferral');
     expect(deferred.lastResponse).toMatch(/^451 4\.3\.0 Try again later/);
     expect(deferred.nextAttemptAt).toBeGreaterThan(Date.now());
     routeSink.behaviour.data = undefined;
     // first_retry is 1 s in the test config.
     const [msg] = (await routeSink.waitForMessages(before + 1)).slice(before);
     expect(msg!.to).toEqual(['later@example.test']);
-    const done = await waitFor('delivered state', async () => {
+    const done = await waitFor(async () => {
       const m = await t.postern.store.getMessage(queueId);
       return m?.recipients[0]?.state === 'delivered' && m.recipients[0];
-    });
+    }, 15_000, 'delivered state');
     expect(done.attempts).toBe(2);
   });
 });

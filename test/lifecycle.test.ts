@@ -10,6 +10,7 @@ import { openStore } from '../src/store/open-store.js';
 import { BIN, killAllServeProcesses, startServeProcess } from './helpers/serve-process.js';
 import { SinkServer } from './helpers/sink-server.js';
 import { tempDir } from './helpers/temp-dir.js';
+import { waitFor } from './helpers/wait-for.js';
 
 afterAll(() => killAllServeProcesses());
 
@@ -51,14 +52,6 @@ async function send(port: number, to: string, subject: string): Promise<string> 
   return /queued as (\S+)/.exec(info.response)![1]!;
 }
 
-async function until(what: string, fn: () => boolean, timeoutMs = 20_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!fn()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
-
 describe('postern queue against a running server', () => {
   it('lists and shows deferred mail, retries one message now and deletes another', async () => {
     const sink = await SinkServer.start({ behaviour: { data: { code: 451, message: '4.3.2 Mailbox busy, try later' } } });
@@ -69,7 +62,7 @@ describe('postern queue against a running server', () => {
     try {
       const keep = await send(server.ports.relay!, 'keep@example.test', 'to retry');
       const drop = await send(server.ports.relay!, 'drop@example.test', 'to delete');
-      await until('two deferrals', () => sink.events.filter((e) => e.startsWith('data')).length >= 2);
+      await waitFor(() => sink.events.filter((e) => e.startsWith('data')).length >= 2, 20_000, 'two deferrals');
       await new Promise((r) => setTimeout(r, 300));
 
       const list = postern(dir, ['queue', 'list']);
@@ -92,7 +85,7 @@ describe('postern queue against a running server', () => {
       // The runner looks at the store at least every 10 s; it finds the message due now.
       await sink.waitForMessages(1, 15_000);
       expect(sink.messages.map((m) => m.to)).toEqual([['keep@example.test']]);
-      await until('empty queue', () => postern(dir, ['queue', 'list']).stdout === 'The queue is empty.\n', 5000);
+      await waitFor(() => postern(dir, ['queue', 'list']).stdout === 'The queue is empty.\n', 5000, 'empty queue');
       expect(postern(dir, ['queue', 'show', 'NOSUCHID']).stderr).toBe('postern: no message NOSUCHID in the queue\n');
       expect(postern(dir, ['queue', 'retry']).status).toBe(2);
     } finally {
@@ -110,7 +103,7 @@ describe('SIGTERM', () => {
     const server = await startServeProcess({ cwd: dir });
     const port = server.ports.relay!;
     const queueId = await send(port, 'slow@example.test', 'slow remote');
-    await until('delivery in progress', () => sink.events.some((e) => e.startsWith('data')));
+    await waitFor(() => sink.events.some((e) => e.startsWith('data')), 20_000, 'delivery in progress');
     const exit = server.stop();
     // New connections are refused once the signal is handled.
     await new Promise((r) => setTimeout(r, 300));

@@ -13,6 +13,7 @@ import { newQueueId } from '../src/store/queue-id.js';
 import type { QueuedMessage, Store } from '../src/store/store.js';
 import { type DnsZone, TestDnsServer } from './helpers/dns-server.js';
 import { type SinkOptions, SinkServer } from './helpers/sink-server.js';
+import { waitFor } from './helpers/wait-for.js';
 
 const cleanups: (() => Promise<void> | void)[] = [];
 afterEach(async () => {
@@ -89,15 +90,6 @@ async function enqueue(store: Store, recipients: string[], options: { expiresAt?
   return queueId;
 }
 
-async function waitFor<T>(check: () => Promise<T | undefined | false> | T | undefined | false, timeoutMs = 8000): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const value = await check();
-    if (value !== undefined && value !== false) return value;
-    if (Date.now() > deadline) throw new Error('waitFor: timed out');
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}
 
 async function final(store: Store, queueId: string, timeoutMs?: number): Promise<QueuedMessage> {
   return waitFor(async () => {
