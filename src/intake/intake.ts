@@ -107,7 +107,7 @@ export class Intake {
     const requiresAuth = kind !== 'relay';
     const server = new PosternSmtpServer({
       name: config.hostname,
-      banner: 'Postern ESMTP ready',
+      banner: 'Postern ready',
       secure: kind === 'smtps',
       key: tls.key,
       cert: tls.cert,
