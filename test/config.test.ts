@@ -105,3 +105,12 @@ describe('configuration', () => {
     expect(problems('hostname = \n')[0]).toMatch(/^not valid TOML: /);
   });
 });
+
+describe('README', () => {
+  it('shows only configuration that parses', () => {
+    const readme = fs.readFileSync('README.md', 'utf8');
+    const blocks = [...readme.matchAll(/```toml\n([\s\S]*?)```/g)].map((m) => m[1]!);
+    expect(blocks.length).toBeGreaterThanOrEqual(2);
+    for (const block of blocks) expect(() => parseConfigText(block, '/srv/postern/postern.toml')).not.toThrow();
+  });
+});
