@@ -1,6 +1,7 @@
 // The registry of SMTP refusals and its documentation page agree.
 import fs from 'node:fs';
 import { describe, expect, it } from 'vitest';
+import { DELIVERY_ERRORS } from '../src/delivery/delivery-error.js';
 import { SMTP_ERRORS, smtpError } from '../src/errors/smtp-errors.js';
 
 describe('SMTP error registry', () => {
@@ -10,6 +11,15 @@ describe('SMTP error registry', () => {
       const row = doc.split('\n').find((l) => l.startsWith(`| \`${name}\` |`));
       expect(row, `docs/errors.md has no row for ${name}`).toBeDefined();
       expect(row).toContain(`\`${spec.code} ${spec.enhanced}\``);
+    });
+  }
+
+  for (const [name, spec] of Object.entries(DELIVERY_ERRORS)) {
+    it(`delivery status ${name} is documented with its code`, () => {
+      const section = doc.slice(doc.indexOf('## Delivery statuses'));
+      const row = section.split('\n').find((l) => l.startsWith(`| \`${name}\` |`));
+      expect(row, `docs/errors.md has no row for ${name}`).toBeDefined();
+      expect(row).toContain(`\`${spec.enhanced}\``);
     });
   }
 
