@@ -291,10 +291,11 @@ describe('smtp-server adjustments', () => {
     vi.useFakeTimers({ toFake: ['setTimeout'] });
     try {
       const socket = net.connect(t.port('relay'), '127.0.0.1');
-      const greeting = await new Promise<string>((resolve, reject) => {
-        socket.once('data', (d) => resolve(d.toString()));
-        socket.once('error', reject);
-      });
+      let greeting = '';
+      socket.on('data', (d) => (greeting += d));
+      // Poll with setImmediate (not faked) for up to 2 s of real time.
+      const deadline = Date.now() + 2000;
+      while (!greeting.includes('\r\n') && Date.now() < deadline) await new Promise((r) => setImmediate(r));
       socket.destroy();
       expect(greeting).toMatch(/^220 relay\.example\.test /);
     } finally {

@@ -6,7 +6,8 @@
 //    allow-listed networks, and the delay caps one device sending one message per connection at
 //    ~9 messages/s. There is no option for it, so `connect()` starts the session without it.
 // 2. TCP_NODELAY on every accepted socket: without it, Nagle's algorithm meets the client's
-//    delayed ACK and each multi-packet reply stalls ~40 ms.
+//    delayed ACK and each multi-packet reply stalls ~40 ms. smtp-server 3.21 sets it too; we set
+//    it here as well so an upgrade cannot lose it silently, and a test checks the socket.
 // 3. AUTH is not advertised before TLS (smtp-server lists it in EHLO on a cleartext connection
 //    even though it refuses to run it there). Clients that see AUTH may send the password in clear.
 // 4. Replies whose text already starts with an enhanced status code (our SmtpReplyError texts)
