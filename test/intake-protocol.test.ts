@@ -180,6 +180,32 @@ describe('limits', () => {
   });
 });
 
+describe('connection caps and TLS failures', () => {
+  it('caps connections in all with 421 4.3.2 (max_connections)', async () => {
+    const capped = await startTestPostern({ extra: '\n[limits]\nmax_connections = 2\n' });
+    try {
+      const a = await RawSmtp.connect(capped.port('relay'), { localAddress: '127.0.0.3' });
+      const b = await RawSmtp.connect(capped.port('relay'), { localAddress: '127.0.0.4' });
+      expect((await a.read()).code).toBe(220);
+      expect((await b.read()).code).toBe(220);
+      const c = await RawSmtp.connect(capped.port('relay'), { localAddress: '127.0.0.5' });
+      expect((await c.read()).text).toBe('421 4.3.2 Too many connections, try again in a moment');
+      for (const x of [a, b, c]) x.destroy();
+    } finally {
+      await capped.stop();
+    }
+  });
+
+  it('survives a STARTTLS handshake from a TLS 1.1 client and keeps serving', async () => {
+    const c = await RawSmtp.connect(t.port('submission'));
+    await c.read();
+    await c.command('EHLO old-printer.local');
+    await expect(c.startTls({ minVersion: 'TLSv1', maxVersion: 'TLSv1.1', ciphers: 'DEFAULT:@SECLEVEL=0' })).rejects.toThrow();
+    c.destroy();
+    await stillServing();
+  });
+});
+
 describe('bare line endings (SMTP smuggling, CVE-2023-51764)', () => {
   const cases: [string, string, string][] = [
     ['bare LF in a line', 'Subject: x\r\n\r\nline one\nline two\r\n', 'LF'],

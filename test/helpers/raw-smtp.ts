@@ -92,12 +92,13 @@ export class RawSmtp {
     return this.read();
   }
 
-  async startTls(): Promise<void> {
+  /** STARTTLS, then the handshake; `options` can make it fail on purpose (old TLS versions). */
+  async startTls(options: tls.ConnectionOptions = {}): Promise<void> {
     const reply = await this.command('STARTTLS');
     if (reply.code !== 220) throw new Error(`STARTTLS refused: ${reply.text}`);
     const plain = this.#socket;
     plain.removeAllListeners('data');
-    const secure = tls.connect({ socket: plain, rejectUnauthorized: false, minVersion: 'TLSv1.2' });
+    const secure = tls.connect({ socket: plain, rejectUnauthorized: false, minVersion: 'TLSv1.2', ...options });
     await new Promise<void>((resolve, reject) => {
       secure.once('secureConnect', () => resolve());
       secure.once('error', reject);
