@@ -8,6 +8,7 @@
 //
 // Rule of thumb, as in maddy's exterrors: everything is temporary unless we are sure that retrying
 // cannot help (the domain does not exist, refuses all mail, or the message is too big).
+import { fillTemplate } from '../errors/smtp-errors.js';
 import type { DeliveryOutcome } from './delivery-target.js';
 
 export interface DeliveryErrorSpec {
@@ -63,7 +64,7 @@ export class DeliveryError extends Error {
     details: Record<string, string | number> = {},
   ) {
     const spec: DeliveryErrorSpec = DELIVERY_ERRORS[errorName];
-    const text = spec.text.replace(/\{(\w+)\}/g, (_, k: string) => String(details[k] ?? `{${k}}`));
+    const text = fillTemplate(spec.text, details);
     super(`${spec.enhanced} ${text}`);
     this.name = 'DeliveryError';
     this.enhanced = spec.enhanced;

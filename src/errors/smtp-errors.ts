@@ -65,6 +65,11 @@ export const SMTP_ERRORS = {
 
 export type SmtpErrorName = keyof typeof SMTP_ERRORS;
 
+/** Fills `{name}` placeholders; unknown names stay visible rather than vanish. */
+export function fillTemplate(text: string, details: Record<string, string | number> = {}): string {
+  return text.replace(/\{(\w+)\}/g, (_, k: string) => String(details[k] ?? `{${k}}`));
+}
+
 /** An error smtp-server turns into a reply: `responseCode` plus "enhanced text". */
 export class SmtpReplyError extends Error {
   readonly responseCode: number;
@@ -74,8 +79,7 @@ export class SmtpReplyError extends Error {
     details: Record<string, string | number> = {},
   ) {
     const spec: SmtpErrorSpec = SMTP_ERRORS[errorName];
-    const text = spec.text.replace(/\{(\w+)\}/g, (_, k: string) => String(details[k] ?? `{${k}}`));
-    super(`${spec.enhanced} ${text}`);
+    super(`${spec.enhanced} ${fillTemplate(spec.text, details)}`);
     this.responseCode = spec.code;
     this.enhanced = spec.enhanced;
     this.name = 'SmtpReplyError';
