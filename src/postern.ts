@@ -36,7 +36,7 @@ export async function startPostern(config: Config, logger: Logger, options: Star
     intake = new Intake({
       config,
       store,
-      authenticator: new Authenticator(store),
+      authenticator: new Authenticator(store, { cacheTtlMs: config.auth.cache_ttl }),
       logger,
       tls,
       onQueued: () => queueRunner.notify(),

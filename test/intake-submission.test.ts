@@ -163,6 +163,17 @@ describe('submission listener', () => {
     expect(await transport({ user: 'camera@example.com', pass: 'a new password 123' }).verify()).toBe(true);
   });
 
+  it('checks the hash every time when [auth] cache_ttl is 0s', async () => {
+    const strict = await startTestPostern({ extra: '\n[auth]\ncache_ttl = "0s"\n' });
+    try {
+      await strict.addAccount('printer@example.com', PASSWORD);
+      for (let i = 0; i < 2; i++) expect(await transport({ port: strict.port('submission') }).verify()).toBe(true);
+      expect(strict.logs().filter((l) => l.event === 'auth').map((l) => l.cached)).toEqual([false, false]);
+    } finally {
+      await strict.stop();
+    }
+  });
+
   it('does not let a cached password outlive SMTP AUTH being switched off', async () => {
     await t.addAccount('webapp@example.com', PASSWORD);
     expect(await transport({ user: 'webapp@example.com' }).verify()).toBe(true);

@@ -97,6 +97,12 @@ export const configSchema = z
         max_connections_per_ip: z.number().int().positive().default(50),
       })
       .prefault({}),
+    auth: z
+      .strictObject({
+        // How long a verified password is trusted without a new argon2id check ("0s": never).
+        cache_ttl: duration.default(60_000),
+      })
+      .prefault({}),
     queue: z
       .strictObject({
         first_retry: duration.default(60_000),
