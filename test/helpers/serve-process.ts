@@ -7,7 +7,7 @@ export const BIN = path.resolve('bin/postern.js');
 
 export interface ServeProcess {
   child: ChildProcess;
-  /** Ports by listener name, from the JSON "listening" log lines. */
+  /** Ports by listener name, from the start-up summary (same stream as "Postern ready"). */
   ports: Record<string, number>;
   stderr(): string;
   stdout(): string;
@@ -41,17 +41,14 @@ export async function startServeProcess(options: {
   let out = '';
   let err = '';
   const ports: Record<string, number> = {};
-  child.stdout!.on('data', (d) => {
-    out += d;
-    for (const line of String(d).split('\n')) {
-      const m = /"event":"listening","listener":"(\w+)","host":"[^"]*","port":(\d+)/.exec(line);
-      if (m) ports[m[1]!] = Number(m[2]);
-    }
-  });
+  child.stdout!.on('data', (d) => (out += d));
   await new Promise<void>((resolve, reject) => {
     child.stderr!.on('data', (d) => {
       err += d;
-      if (err.includes('Postern ready')) resolve();
+      // The summary is written in one piece; wait for its last line.
+      if (!/Postern ready[\s\S]*\n {2}delivery /.test(err)) return;
+      for (const m of err.matchAll(/^ {2}(submission|smtps|relay) +\S+:(\d+) /gm)) ports[m[1]!] = Number(m[2]);
+      resolve();
     });
     child.once('exit', (code) => reject(new Error(`postern serve exited with ${code}: ${err}`)));
   });
