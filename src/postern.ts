@@ -6,6 +6,8 @@ import type { Config } from './config/load-config.js';
 import { type BoundListener, Intake } from './intake/intake.js';
 import { type TlsMaterial, loadOrCreateTlsMaterial } from './intake/tls-material.js';
 import type { Logger } from './observe/logger.js';
+import { SecurityEvents } from './policy/security-events.js';
+import { SessionPolicy } from './policy/session-policy.js';
 import { QueueRunner } from './queue/queue-runner.js';
 import { openStore } from './store/open-store.js';
 import type { Store } from './store/store.js';
@@ -14,6 +16,7 @@ export interface Postern {
   config: Config;
   store: Store;
   intake: Intake;
+  events: SecurityEvents;
   listeners: BoundListener[];
   tls: TlsMaterial;
   stop(): Promise<void>;
@@ -33,7 +36,9 @@ export async function startPostern(config: Config, logger: Logger, options: Star
     runner = new QueueRunner({ store, config, logger });
     await runner.start();
     const queueRunner = runner;
+    const events = new SecurityEvents({ store, logger, config, onQueued: () => queueRunner.notify() });
     intake = new Intake({
+      policy: new SessionPolicy(config, store, events),
       config,
       store,
       authenticator: new Authenticator(store, { cacheTtlMs: config.auth.cache_ttl }),
@@ -50,12 +55,14 @@ export async function startPostern(config: Config, logger: Logger, options: Star
       config,
       store,
       intake: started,
+      events,
       listeners,
       tls,
       stop() {
         stopping ??= (async () => {
           logger.info({ event: 'stopping' }, 'stopping: no new connections');
           await started.close(grace);
+          await events.drain();
           await queueRunner.stop(grace);
           await store.close();
           logger.info({ event: 'stopped' }, 'stopped');

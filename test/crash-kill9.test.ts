@@ -51,6 +51,9 @@ relay = "127.0.0.1:${relayPort}"
 
 [limits]
 max_connections_per_ip = 500
+# A load test: far above the 30 messages a minute a device gets by default.
+messages_per_minute = 1000000
+recipients_per_day = 100000000
 
 [queue]
 first_retry = "1s"

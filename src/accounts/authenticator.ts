@@ -7,11 +7,11 @@
 // was made for, so a password change or `account set` takes effect on the next AUTH; the enabled
 // and smtp_auth flags are read from the store on every attempt. Failures are never cached.
 import { createHmac, randomBytes } from 'node:crypto';
-import type { AccountStore } from '../store/store.js';
+import type { Account, AccountStore } from '../store/store.js';
 import { decoyPasswordHash, verifyPassword } from './password.js';
 
 export type AuthOutcome =
-  | { ok: true; address: string; cached: boolean }
+  | { ok: true; address: string; account: Account; cached: boolean }
   | { ok: false; reason: 'bad_credentials' | 'account_disabled' | 'smtp_auth_disabled' };
 
 interface CacheEntry {
@@ -59,7 +59,7 @@ export class Authenticator {
     if (!account.enabled) return { ok: false, reason: 'account_disabled' };
     if (!account.smtpAuth) return { ok: false, reason: 'smtp_auth_disabled' };
     if (key && !fromCache) this.#remember(key, { address, passwordHash: account.passwordHash, expiresAt: now + this.#ttl });
-    return { ok: true, address, cached: fromCache };
+    return { ok: true, address, account, cached: fromCache };
   }
 
   #cacheKey(address: string, password: string): string {

@@ -95,6 +95,30 @@ export const configSchema = z
         idle_timeout: duration.default(5 * 60_000),
         max_connections: z.number().int().positive().default(1000),
         max_connections_per_ip: z.number().int().positive().default(50),
+        // Office 365's sending limits; accounts can be given their own (`postern account set`).
+        messages_per_minute: z.number().int().positive().default(30),
+        recipients_per_day: z.number().int().positive().default(10_000),
+        connections_per_account: z.number().int().positive().default(3),
+      })
+      .prefault({}),
+    lockout: z
+      .strictObject({
+        account_failures: z.number().int().positive().default(5),
+        ip_failures: z.number().int().positive().default(20),
+        window: duration.default(15 * 60_000),
+      })
+      .prefault({}),
+    policy: z
+      .strictObject({
+        // false switches off rate limits, send-as, recipient rules and lockouts (benchmarks,
+        // emergencies). AUTH, TLS and relay rules stay on whatever this says.
+        enforce: z.boolean().default(true),
+      })
+      .prefault({}),
+    alerts: z
+      .strictObject({
+        admin_address: z.string().email().optional(),
+        webhook: z.url({ protocol: /^https?$/ }).optional(),
       })
       .prefault({}),
     auth: z
@@ -136,6 +160,13 @@ export const configSchema = z
         z.strictObject({
           name: z.string().min(1),
           networks: z.array(cidr).min(1),
+          // Optional: the only envelope sender domains this connector may use.
+          sender_domains: z.array(domainName).optional(),
+          require_tls: z.boolean().default(false),
+          require_auth: z.boolean().default(false),
+          // Per client address on this connector; default: the [limits] values.
+          messages_per_minute: z.number().int().positive().optional(),
+          recipients_per_day: z.number().int().positive().optional(),
         }),
       )
       .default([]),

@@ -17,6 +17,7 @@ import { randomBytes } from 'node:crypto';
 import type { Readable } from 'node:stream';
 import { newQueueId } from '../store/queue-id.js';
 import type { QueueStore, QueuedMessage } from '../store/store.js';
+import { enqueueLocalMessage } from '../queue/enqueue-local.js';
 
 export interface DsnRecipient {
   address: string;
@@ -195,34 +196,17 @@ export interface EnqueueDsnInput extends Omit<DsnInput, 'message'> {
 }
 
 /** Builds the DSN and queues it for the original sender. Resolves with the new queue id. */
-export async function enqueueDsn(store: QueueStore, input: EnqueueDsnInput): Promise<string> {
-  const queueId = newQueueId(input.now);
-  const messageId = `${queueId}@${input.hostname}`;
-  const bytes = buildDsn({ ...input, messageId });
-  const writer = store.createBody(queueId);
-  try {
-    writer.stream.end(bytes);
-    const size = await writer.finish();
-    await store.enqueue({
-      queueId,
-      sender: '',
-      recipients: [{ address: input.message.sender }],
-      size,
-      receivedAt: input.now,
-      expiresAt: input.now + input.lifetime,
-      origin: {
-        // The original session id, so a bounce can be traced back to the submission.
-        sessionId: input.message.origin.sessionId,
-        listener: 'dsn',
-        clientIp: '',
-      },
-      messageIdHeader: `<${messageId}>`,
-    });
-    return queueId;
-  } catch (err) {
-    await writer.abort().catch(() => undefined);
-    throw err;
-  }
+export function enqueueDsn(store: QueueStore, input: EnqueueDsnInput): Promise<string> {
+  return enqueueLocalMessage(store, {
+    build: (messageId) => buildDsn({ ...input, messageId }),
+    sender: '',
+    recipients: [input.message.sender],
+    hostname: input.hostname,
+    now: input.now,
+    lifetime: input.lifetime,
+    // The original session id, so a bounce can be traced back to the submission.
+    origin: { sessionId: input.message.origin.sessionId, listener: 'dsn', clientIp: '' },
+  });
 }
 
 /** RFC 5322 date, "Sun, 29 Nov 2026 00:05:00 +0000". */

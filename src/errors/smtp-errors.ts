@@ -61,6 +61,42 @@ export const SMTP_ERRORS = {
     text: 'Too many connections from {ip}; close some and try again',
   },
   SERVER_BUSY: { code: 421, enhanced: '4.3.2', text: 'Too many connections, try again in a moment' },
+  RATE_LIMIT_MESSAGES: {
+    code: 451,
+    enhanced: '4.7.0',
+    text: 'Rate limit: {limit} messages per minute for {who}; retry in {retry}',
+  },
+  RATE_LIMIT_RECIPIENTS: {
+    code: 451,
+    enhanced: '4.7.0',
+    text: 'Rate limit: {limit} recipients per 24 hours for {who}; retry in {retry}',
+  },
+  ACCOUNT_CONNECTIONS: {
+    code: 454,
+    enhanced: '4.7.0',
+    text: 'Too many connections for {account}: at most {max} at once; close one and try again',
+  },
+  AUTH_LOCKED: {
+    code: 454,
+    enhanced: '4.7.0',
+    text: 'Too many failed logins; AUTH is refused for {retry}. Check the password configured in the device',
+  },
+  SEND_AS_DENIED: { code: 550, enhanced: '5.7.60', text: 'SendAsDenied; {account} is not allowed to send as {address}' },
+  RECIPIENT_DOMAIN_DENIED: {
+    code: 550,
+    enhanced: '5.7.1',
+    text: '{account} may not send to {domain}: the account is limited to {allowed}',
+  },
+  SENDER_DOMAIN_DENIED: {
+    code: 550,
+    enhanced: '5.7.1',
+    text: 'Sender domain {domain} is not allowed on connector {connector}',
+  },
+  CONNECTOR_NEEDS_TLS: {
+    code: 530,
+    enhanced: '5.7.0',
+    text: 'Must issue a STARTTLS command first: connector {connector} requires TLS',
+  },
 } as const satisfies Record<string, SmtpErrorSpec>;
 
 export type SmtpErrorName = keyof typeof SMTP_ERRORS;

@@ -4,6 +4,7 @@
 // alone rather than held in memory.
 import { randomBytes } from 'node:crypto';
 import { Transform, type TransformCallback } from 'node:stream';
+import type { SmtpReplyError } from '../errors/smtp-errors.js';
 
 const MAX_HEADER_BLOCK = 256 * 1024;
 const HEADER_END = Buffer.from('\r\n\r\n');
@@ -31,9 +32,25 @@ export function receivedHeader(info: ReceivedInfo): string {
   return `Received: ${from}${tls}${auth}\r\n\tby ${info.hostname} (Postern) with ${info.protocol} id ${info.queueId}${forRcpt};\r\n\t${formatRfc5322Date(info.date)}\r\n`;
 }
 
+/** What the session policy says about a message's headers (send-as, From rewrite). */
+export interface HeaderDecision {
+  reject?: SmtpReplyError;
+  /** Replace the From header with this address and keep the original in Reply-To. */
+  rewriteFrom?: string;
+}
+
+/** Header values by lower-case name, unfolded (first occurrence; all of them under `all`). */
+export interface HeaderView {
+  get(name: string): string | undefined;
+}
+
 export class HeaderFixups extends Transform {
   /** The Message-ID the message carries (its own or the one added), once headers are read. */
   messageId: string | undefined;
+  /** Set when the header policy refused the message; nothing more is written then. */
+  rejection: SmtpReplyError | null = null;
+  /** The From the policy replaced, when it did. */
+  rewrittenFrom: string | undefined;
   #buffer: Buffer[] = [];
   #buffered = 0;
   #done = false;
@@ -41,14 +58,18 @@ export class HeaderFixups extends Transform {
   readonly #hostname: string;
   readonly #date: Date;
 
-  constructor(received: string, hostname: string, date: Date) {
+  readonly #policy: ((headers: HeaderView) => HeaderDecision) | undefined;
+
+  constructor(received: string, hostname: string, date: Date, policy?: (headers: HeaderView) => HeaderDecision) {
     super();
     this.#received = received;
     this.#hostname = hostname;
     this.#date = date;
+    this.#policy = policy;
   }
 
   override _transform(chunk: Buffer, _enc: BufferEncoding, callback: TransformCallback): void {
+    if (this.rejection) return callback();
     if (this.#done) return callback(null, chunk);
     this.#buffer.push(chunk);
     this.#buffered += chunk.length;
@@ -80,6 +101,17 @@ export class HeaderFixups extends Transform {
     let prefix = this.#received;
     if (headerBlock) {
       const names = headerNames(headerBlock.toString('latin1'));
+      const decision = this.#policy?.({ get: (name) => names.get(name.toLowerCase()) });
+      if (decision?.reject) {
+        this.rejection = decision.reject;
+        return;
+      }
+      if (decision?.rewriteFrom) {
+        this.rewrittenFrom = names.get('from');
+        all = Buffer.concat([withoutHeader(headerBlock, 'from'), all.subarray(headerBlock.length)]);
+        prefix += `From: <${decision.rewriteFrom}>\r\n`;
+        if (!names.has('reply-to') && this.rewrittenFrom) prefix += `Reply-To: ${this.rewrittenFrom}\r\n`;
+      }
       const existingId = names.get('message-id');
       if (existingId) {
         this.messageId = existingId;
@@ -92,6 +124,22 @@ export class HeaderFixups extends Transform {
     this.push(Buffer.from(prefix, 'latin1'));
     this.push(all);
   }
+}
+
+/** The header block without every occurrence of one header (with its folded lines). */
+function withoutHeader(block: Buffer, name: string): Buffer {
+  const lines = block.toString('latin1').split('\r\n');
+  const kept: string[] = [];
+  let dropping = false;
+  for (const line of lines) {
+    if (/^[ \t]/.test(line)) {
+      if (!dropping) kept.push(line);
+      continue;
+    }
+    dropping = line.slice(0, line.indexOf(':')).trim().toLowerCase() === name;
+    if (!dropping) kept.push(line);
+  }
+  return Buffer.from(kept.join('\r\n'), 'latin1');
 }
 
 /** Header names (lower case) mapped to their first value, unfolded. */

@@ -13,9 +13,11 @@ import net from 'node:net';
 import { once } from 'node:events';
 import type { SMTPServerAddress, SMTPServerAuthentication, SMTPServerDataStream, SMTPServerSession } from 'smtp-server';
 import type { Authenticator } from '../accounts/authenticator.js';
+import type { ConnectorConfig } from '../config/config-schema.js';
 import type { Config, ListenerAddress } from '../config/load-config.js';
 import { type SmtpReplyError, smtpError } from '../errors/smtp-errors.js';
 import type { Logger } from '../observe/logger.js';
+import type { PolicySession, SessionPolicy } from '../policy/session-policy.js';
 import { newQueueId } from '../store/queue-id.js';
 import type { NewMessage, Store } from '../store/store.js';
 import { DataGuard } from './data-guard.js';
@@ -40,14 +42,13 @@ export interface IntakeOptions {
   authenticator: Authenticator;
   logger: Logger;
   tls: TlsMaterial;
+  policy: SessionPolicy;
   /** Called after a message is durably queued (wakes the queue runner). */
   onQueued?: (queueId: string) => void;
 }
 
-interface SessionState {
+interface SessionState extends PolicySession {
   listener: ListenerKind;
-  ip: string;
-  connector?: string;
   log: Logger;
 }
 
@@ -56,12 +57,12 @@ export class Intake {
   readonly #servers: { kind: ListenerKind; server: PosternSmtpServer }[] = [];
   readonly #sessions = new Map<string, SessionState>();
   readonly #perIp = new Map<string, number>();
-  readonly #connectors: { name: string; networks: NetworkList }[];
+  readonly #connectors: { config: ConnectorConfig; networks: NetworkList }[];
   #accepting = true;
 
   constructor(options: IntakeOptions) {
     this.#options = options;
-    this.#connectors = options.config.connector.map((c) => ({ name: c.name, networks: new NetworkList(c.networks) }));
+    this.#connectors = options.config.connector.map((c) => ({ config: c, networks: new NetworkList(c.networks) }));
   }
 
   get openSessions(): number {
@@ -105,6 +106,8 @@ export class Intake {
   #createServer(kind: ListenerKind): PosternSmtpServer {
     const { config, tls } = this.#options;
     const requiresAuth = kind !== 'relay';
+    // The relay port offers AUTH only when a connector asks for it.
+    const offersAuth = requiresAuth || config.connector.some((c) => c.require_auth);
     const server = new PosternSmtpServer({
       name: config.hostname,
       banner: 'Postern ready',
@@ -115,7 +118,7 @@ export class Intake {
       hideAuthBeforeTls: true,
       authMethods: ['PLAIN', 'LOGIN'],
       authOptional: !requiresAuth,
-      disabledCommands: requiresAuth ? [] : ['AUTH'],
+      disabledCommands: offersAuth ? [] : ['AUTH'],
       authRequiredMessage: smtpError('AUTH_REQUIRED').message,
       size: config.limits.max_message_size,
       hideSize: false,
@@ -131,7 +134,9 @@ export class Intake {
       logger: false,
       onConnect: (session, cb) => cb(this.#onConnect(kind, session)),
       onSecure: (socket, session, cb) => {
-        this.#session(session)?.log.info(
+        const state = this.#session(session);
+        if (state) state.secure = true;
+        state?.log.info(
           { event: 'tls', tls: (socket as { getProtocol?: () => string }).getProtocol?.() },
           'TLS established',
         );
@@ -143,8 +148,12 @@ export class Intake {
           (err: Error) => cb(err),
         );
       },
-      onMailFrom: (address, session, cb) => cb(this.#onMailFrom(address, session)),
-      onRcptTo: (address, session, cb) => cb(this.#onRcptTo(address, session)),
+      onMailFrom: (address, session, cb) => {
+        this.#onMailFrom(address, session).then(cb, cb);
+      },
+      onRcptTo: (address, session, cb) => {
+        this.#onRcptTo(address, session).then(cb, cb);
+      },
       onData: (stream, session, cb) => {
         this.#onData(stream, session).then(
           (reply) => cb(null, reply),
@@ -180,9 +189,9 @@ export class Intake {
       return smtpError('TOO_MANY_CONNECTIONS', { ip });
     }
     this.#perIp.set(ip, fromIp + 1);
-    const connector = kind === 'relay' ? this.#connectors.find((c) => c.networks.has(ip))?.name : undefined;
-    this.#sessions.set(session.id, { listener: kind, ip, connector, log });
-    log.info({ event: 'connect', connector, port: session.localPort }, 'client connected');
+    const connector = kind === 'relay' ? this.#connectors.find((c) => c.networks.has(ip))?.config : undefined;
+    this.#sessions.set(session.id, { listener: kind, ip, connector, log, secure: kind === 'smtps' });
+    log.info({ event: 'connect', connector: connector?.name, port: session.localPort }, 'client connected');
     return null;
   }
 
@@ -190,6 +199,7 @@ export class Intake {
     const state = this.#sessions.get(session.id);
     if (!state) return;
     this.#sessions.delete(session.id);
+    this.#options.policy.closed(state);
     const left = (this.#perIp.get(state.ip) ?? 1) - 1;
     if (left > 0) this.#perIp.set(state.ip, left);
     else this.#perIp.delete(state.ip);
@@ -198,28 +208,51 @@ export class Intake {
 
   async #onAuth(auth: SMTPServerAuthentication, session: SMTPServerSession): Promise<string> {
     const state = this.#session(session);
+    if (!state) throw smtpError('SHUTTING_DOWN');
+    const { policy, authenticator } = this.#options;
     const username = auth.username ?? '';
-    const outcome = await this.#options.authenticator.authenticate(username, auth.password ?? '');
-    if (outcome.ok) {
-      state?.log.info({ event: 'auth', account: outcome.address, method: auth.method, cached: outcome.cached }, 'authenticated');
-      return outcome.address;
+    const locked = await policy.beforeAuth(state, username);
+    if (locked) {
+      state.log.warn({ event: 'auth_refused', account: username.slice(0, 320), reason: 'locked' }, 'AUTH refused: locked out');
+      throw locked;
     }
-    // The log names the real reason; the client learns only what Office 365 would tell it.
-    state?.log.warn({ event: 'auth_failed', account: username.slice(0, 320), method: auth.method, reason: outcome.reason }, 'authentication failed');
-    throw smtpError(outcome.reason === 'smtp_auth_disabled' ? 'AUTH_SMTP_DISABLED' : 'AUTH_FAILED');
+    const outcome = await authenticator.authenticate(username, auth.password ?? '');
+    if (!outcome.ok) {
+      // The log names the real reason; the client learns only what Office 365 would tell it.
+      state.log.warn({ event: 'auth_failed', account: username.slice(0, 320), method: auth.method, reason: outcome.reason }, 'authentication failed');
+      if (outcome.reason === 'smtp_auth_disabled') throw smtpError('AUTH_SMTP_DISABLED');
+      await policy.authFailed(state, username, outcome.reason);
+      throw smtpError('AUTH_FAILED');
+    }
+    const refused = await policy.afterAuth(state, outcome.account);
+    if (refused) {
+      state.log.warn({ event: 'auth_refused', account: outcome.address, reason: refused.errorName }, 'AUTH refused by policy');
+      throw refused;
+    }
+    state.log.info({ event: 'auth', account: outcome.address, method: auth.method, cached: outcome.cached }, 'authenticated');
+    return outcome.address;
   }
 
-  #onMailFrom(address: SMTPServerAddress, session: SMTPServerSession): SmtpReplyError | null {
+  async #onMailFrom(address: SMTPServerAddress, session: SMTPServerSession): Promise<SmtpReplyError | null> {
     const state = this.#session(session);
-    if (state && state.listener !== 'relay' && !session.user) return smtpError('AUTH_REQUIRED');
+    if (!state) return smtpError('SHUTTING_DOWN');
+    if (state.listener !== 'relay' && !session.user) return smtpError('AUTH_REQUIRED');
     if (address.address !== '' && !isValidMailbox(address.address)) {
       return smtpError('BAD_SENDER_ADDRESS', { address: printable(address.address) });
     }
-    state?.log.info({ event: 'mail', from: address.address, account: session.user }, 'MAIL FROM');
+    // The relay port refuses outsiders per recipient (below); their MAIL is not worth a lookup.
+    if (state.listener !== 'relay' || state.connector) {
+      const refused = await this.#options.policy.onMail(state, address.address);
+      if (refused) {
+        state.log.warn({ event: 'mail_refused', from: address.address, reason: refused.errorName }, refused.message);
+        return refused;
+      }
+    }
+    state.log.info({ event: 'mail', from: address.address, account: session.user }, 'MAIL FROM');
     return null;
   }
 
-  #onRcptTo(address: SMTPServerAddress, session: SMTPServerSession): SmtpReplyError | null {
+  async #onRcptTo(address: SMTPServerAddress, session: SMTPServerSession): Promise<SmtpReplyError | null> {
     const state = this.#session(session);
     if (!state) return smtpError('SHUTTING_DOWN');
     if (state.listener === 'relay' && !state.connector) {
@@ -227,8 +260,11 @@ export class Intake {
       return smtpError('RELAY_DENIED', { ip: state.ip });
     }
     if (!isValidMailbox(address.address)) return smtpError('BAD_RECIPIENT_ADDRESS', { address: printable(address.address) });
-    const max = this.#options.config.limits.max_recipients;
-    if (session.envelope.rcptTo.length >= max) return smtpError('TOO_MANY_RECIPIENTS', { max });
+    const refused = await this.#options.policy.onRcpt(state, address.address, session.envelope.rcptTo.length);
+    if (refused) {
+      state.log.warn({ event: 'rcpt_refused', to: address.address, reason: refused.errorName }, refused.message);
+      return refused;
+    }
     state.log.debug({ event: 'rcpt', to: address.address }, 'RCPT TO');
     return null;
   }
@@ -265,7 +301,12 @@ export class Intake {
       throw smtpError('QUEUE_UNAVAILABLE');
     }
     const guard = new DataGuard(config.limits.max_message_size);
-    const fixups = new HeaderFixups(received, config.hostname, new Date(receivedAt));
+    const fixups = new HeaderFixups(
+      received,
+      config.hostname,
+      new Date(receivedAt),
+      state ? this.#options.policy.headerCheck(state) : undefined,
+    );
     const storage: { error: Error | null } = { error: null };
     // Plain pipes, not pipeline(): if the disk fails we must keep reading the client's data to
     // its end (so the conversation stays in step) while writing nothing more.
@@ -278,6 +319,12 @@ export class Intake {
     await once(guard, 'end').catch(() => undefined);
 
     const violation = guard.violation;
+    if (fixups.rejection && !violation) {
+      await writer.abort().catch(() => undefined);
+      state?.log.warn({ event: 'data_rejected', reason: fixups.rejection.errorName }, fixups.rejection.message);
+      if (state) await this.#options.policy.headerRefused(state, fixups.rejection);
+      throw fixups.rejection;
+    }
     if (violation || storage.error) {
       await writer.abort().catch(() => undefined);
       if (violation?.kind === 'too_big') {

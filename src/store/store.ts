@@ -5,16 +5,39 @@
 // Durability rule: `enqueue` resolves only after the message body and its rows are on disk
 // (fsync'd). The SMTP `250` is sent after that and never before.
 import type { Readable, Writable } from 'node:stream';
+import type { RateLimiterAbstract } from 'rate-limiter-flexible';
 
 export type RecipientState = 'queued' | 'in_flight' | 'deferred' | 'delivered' | 'failed';
 
 export const FINAL_STATES: readonly RecipientState[] = ['delivered', 'failed'];
+
+/** Per-account limits; an absent value means the `[limits]` default. */
+export interface AccountLimits {
+  messagesPerMinute?: number;
+  recipientsPerDay?: number;
+  recipientsPerMessage?: number;
+  maxConnections?: number;
+}
+
+/** What an account may do beyond authenticating. Every field is optional: absent = the default. */
+export interface AccountPolicy {
+  /** Addresses and `*@domain` patterns it may send as, besides its own address. */
+  sendAs?: string[];
+  /** When set, the only recipient domains it may send to. */
+  recipientDomains?: string[];
+  /** Replace a header From it may not use with its own address (original kept in Reply-To). */
+  rewriteFrom?: boolean;
+  /** When set, the only client networks (CIDR) it may log in from. */
+  networks?: string[];
+  limits?: AccountLimits;
+}
 
 export interface Account {
   address: string;
   passwordHash: string;
   smtpAuth: boolean;
   enabled: boolean;
+  policy: AccountPolicy;
   createdAt: number;
   updatedAt: number;
 }
@@ -24,9 +47,65 @@ export interface NewAccount {
   passwordHash: string;
   smtpAuth?: boolean;
   enabled?: boolean;
+  policy?: AccountPolicy;
 }
 
-export type AccountPatch = Partial<Pick<Account, 'passwordHash' | 'smtpAuth' | 'enabled'>>;
+export type AccountPatch = Partial<Pick<Account, 'passwordHash' | 'smtpAuth' | 'enabled' | 'policy'>>;
+
+export type SecurityEventKind =
+  | 'auth_failed'
+  | 'lockout'
+  | 'rate_limited'
+  | 'send_as_denied'
+  | 'recipient_denied'
+  | 'relay_denied'
+  | 'new_network'
+  | 'volume_spike';
+
+export interface NewSecurityEvent {
+  kind: SecurityEventKind;
+  account?: string;
+  ip?: string;
+  listener?: string;
+  /** A sentence and any fields worth keeping; never a password. */
+  detail: Record<string, unknown> & { message: string };
+  at?: number;
+}
+
+export interface SecurityEvent extends Required<Omit<NewSecurityEvent, 'account' | 'ip' | 'listener'>> {
+  id: number;
+  account: string | null;
+  ip: string | null;
+  listener: string | null;
+}
+
+export interface AuditEntry {
+  id: number;
+  at: number;
+  /** Who: "cli:root", "api:admin@example.com". */
+  actor: string;
+  action: string;
+  target: string;
+  detail: Record<string, unknown>;
+}
+
+/** What an account or client address has queued in a window (rate limits count from the queue). */
+export interface Usage {
+  messages: number;
+  recipients: number;
+  /** When the oldest message in the window was queued (it leaves the window first), or null. */
+  oldestAt: number | null;
+}
+
+/** A counter that survives restarts, for brute-force lockouts (rate-limiter-flexible semantics). */
+export interface CounterOptions {
+  keyPrefix: string;
+  points: number;
+  /** Window, in seconds. */
+  duration: number;
+  /** Once over the limit, blocked for this long, in seconds. */
+  blockDuration?: number;
+}
 
 export interface NewRecipient {
   address: string;
@@ -106,6 +185,20 @@ export interface BodyWriter {
   abort(): Promise<void>;
 }
 
+export interface SecurityStore {
+  recordSecurityEvent(event: NewSecurityEvent): Promise<void>;
+  listSecurityEvents(options?: { since?: number; limit?: number }): Promise<SecurityEvent[]>;
+  recordAudit(entry: Omit<AuditEntry, 'id' | 'at'> & { at?: number }): Promise<void>;
+  listAudit(options?: { since?: number; limit?: number }): Promise<AuditEntry[]>;
+  /** Remembers that an account logged in from a network; true when it is the first time. */
+  noteAccountNetwork(account: string, network: string, now: number): Promise<boolean>;
+  listAccountNetworks(account: string): Promise<{ network: string; firstSeen: number }[]>;
+  /** Messages and recipients queued since `since` by an account, or from a client address. */
+  usageSince(who: { account: string } | { clientIp: string }, since: number): Promise<Usage>;
+  /** A rate-limiter-flexible limiter whose counters live in the store. */
+  counter(options: CounterOptions): RateLimiterAbstract;
+}
+
 export interface AccountStore {
   createAccount(account: NewAccount): Promise<Account>;
   getAccount(address: string): Promise<Account | undefined>;
@@ -141,7 +234,7 @@ export interface QueueStore {
   countRecipients(): Promise<Record<RecipientState, number>>;
 }
 
-export interface Store extends AccountStore, QueueStore {
+export interface Store extends AccountStore, QueueStore, SecurityStore {
   readonly kind: 'sqlite' | 'postgres';
   close(): Promise<void>;
 }

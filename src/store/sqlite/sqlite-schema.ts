@@ -1,12 +1,14 @@
 // Table types and migrations for the embedded SQLite store. Migrations use Kysely's schema builder
 // so the PostgreSQL backend can share their shape.
-import { type Kysely, type Migration, type MigrationProvider, sql } from 'kysely';
+import { type Generated, type Kysely, type Migration, type MigrationProvider, sql } from 'kysely';
 
 export interface AccountsTable {
   address: string;
   password_hash: string;
   smtp_auth: number;
   enabled: number;
+  /** AccountPolicy as JSON. */
+  policy: string;
   created_at: number;
   updated_at: number;
 }
@@ -44,10 +46,38 @@ export interface RecipientsTable {
   updated_at: number;
 }
 
+export interface SecurityEventsTable {
+  id: Generated<number>;
+  at: number;
+  kind: string;
+  account: string | null;
+  ip: string | null;
+  listener: string | null;
+  detail: string;
+}
+
+export interface AuditLogTable {
+  id: Generated<number>;
+  at: number;
+  actor: string;
+  action: string;
+  target: string;
+  detail: string;
+}
+
+export interface AccountNetworksTable {
+  account: string;
+  network: string;
+  first_seen: number;
+}
+
 export interface Database {
   accounts: AccountsTable;
   messages: MessagesTable;
   recipients: RecipientsTable;
+  security_events: SecurityEventsTable;
+  audit_log: AuditLogTable;
+  account_networks: AccountNetworksTable;
 }
 
 const migrations: Record<string, Migration> = {
@@ -101,6 +131,41 @@ const migrations: Record<string, Migration> = {
         db,
       );
       await db.schema.createIndex('recipients_state').on('recipients').column('state').execute();
+    },
+  },
+  '0002_policy_and_security': {
+    async up(db: Kysely<any>) {
+      await db.schema.alterTable('accounts').addColumn('policy', 'text', (c) => c.notNull().defaultTo('{}')).execute();
+      // Rate limits count what an account or a client address sent in a rolling window.
+      await db.schema.createIndex('messages_account_time').on('messages').columns(['account', 'received_at']).execute();
+      await db.schema.createIndex('messages_ip_time').on('messages').columns(['client_ip', 'received_at']).execute();
+      await db.schema
+        .createTable('security_events')
+        .addColumn('id', 'integer', (c) => c.primaryKey().autoIncrement())
+        .addColumn('at', 'bigint', (c) => c.notNull())
+        .addColumn('kind', 'text', (c) => c.notNull())
+        .addColumn('account', 'text')
+        .addColumn('ip', 'text')
+        .addColumn('listener', 'text')
+        .addColumn('detail', 'text', (c) => c.notNull())
+        .execute();
+      await db.schema.createIndex('security_events_at').on('security_events').column('at').execute();
+      await db.schema
+        .createTable('audit_log')
+        .addColumn('id', 'integer', (c) => c.primaryKey().autoIncrement())
+        .addColumn('at', 'bigint', (c) => c.notNull())
+        .addColumn('actor', 'text', (c) => c.notNull())
+        .addColumn('action', 'text', (c) => c.notNull())
+        .addColumn('target', 'text', (c) => c.notNull())
+        .addColumn('detail', 'text', (c) => c.notNull())
+        .execute();
+      await db.schema
+        .createTable('account_networks')
+        .addColumn('account', 'text', (c) => c.notNull())
+        .addColumn('network', 'text', (c) => c.notNull())
+        .addColumn('first_seen', 'bigint', (c) => c.notNull())
+        .addPrimaryKeyConstraint('account_networks_pk', ['account', 'network'])
+        .execute();
     },
   },
 };

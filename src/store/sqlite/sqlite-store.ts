@@ -6,12 +6,19 @@
 import path from 'node:path';
 import type { Readable } from 'node:stream';
 import BetterSqlite3 from 'better-sqlite3';
+import { type RateLimiterAbstract, RateLimiterSQLite } from 'rate-limiter-flexible';
 import { Kysely, Migrator, SqliteDialect, type Transaction } from 'kysely';
 import { FileSpool } from '../file-spool.js';
 import {
   type Account,
   type AccountPatch,
+  type AccountPolicy,
+  type AuditEntry,
   type BodyWriter,
+  type CounterOptions,
+  type NewSecurityEvent,
+  type SecurityEvent,
+  type Usage,
   type NewAccount,
   type NewMessage,
   type QueueSummary,
@@ -47,27 +54,37 @@ export async function openSqliteStore(options: SqliteStoreOptions): Promise<Sqli
   // The CLI writes to the same file while the server runs.
   sqlite.pragma('busy_timeout = 5000');
   const db = new Kysely<Database>({ dialect: new SqliteDialect({ database: sqlite }) });
+  // Lockout counters change on every failed AUTH and need not survive a power cut (a process
+  // restart, yes): their own file, synchronous=NORMAL, so they never wait for an fsync.
+  const counters = new BetterSqlite3(path.join(options.dataDir, 'counters.db'));
+  counters.pragma('journal_mode = WAL');
+  counters.pragma('synchronous = NORMAL');
+  counters.pragma('busy_timeout = 5000');
+  counters.exec('CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, points INTEGER NOT NULL DEFAULT 0, expire INTEGER)');
   const migrator = new Migrator({ db, provider: migrationProvider });
   const { error, results } = await migrator.migrateToLatest();
   if (error) {
     const failed = results?.find((r) => r.status === 'Error')?.migrationName ?? 'unknown';
     await db.destroy();
+    counters.close();
     throw new Error(`store migration ${failed} failed: ${(error as Error).message ?? error}`);
   }
-  return new SqliteStore(db, spool);
+  return new SqliteStore(db, spool, counters);
 }
 
 export class SqliteStore implements Store {
   readonly kind = 'sqlite' as const;
   readonly #db: Kysely<Database>;
   readonly #spool: FileSpool;
+  readonly #counters: BetterSqlite3.Database;
   #pending: PendingEnqueue[] = [];
   #flushScheduled = false;
   #flushing: Promise<void> = Promise.resolve();
 
-  constructor(db: Kysely<Database>, spool: FileSpool) {
+  constructor(db: Kysely<Database>, spool: FileSpool, counters: BetterSqlite3.Database) {
     this.#db = db;
     this.#spool = spool;
+    this.#counters = counters;
   }
 
   // ---- accounts -------------------------------------------------------------------------
@@ -79,6 +96,7 @@ export class SqliteStore implements Store {
       password_hash: account.passwordHash,
       smtp_auth: account.smtpAuth === false ? 0 : 1,
       enabled: account.enabled === false ? 0 : 1,
+      policy: JSON.stringify(account.policy ?? {}),
       created_at: now,
       updated_at: now,
     };
@@ -105,6 +123,7 @@ export class SqliteStore implements Store {
     if (patch.passwordHash !== undefined) values.password_hash = patch.passwordHash;
     if (patch.smtpAuth !== undefined) values.smtp_auth = patch.smtpAuth ? 1 : 0;
     if (patch.enabled !== undefined) values.enabled = patch.enabled ? 1 : 0;
+    if (patch.policy !== undefined) values.policy = JSON.stringify(patch.policy);
     await this.#db.updateTable('accounts').set(values).where('address', '=', address.toLowerCase()).execute();
     return this.getAccount(address);
   }
@@ -296,11 +315,116 @@ export class SqliteStore implements Store {
     return counts;
   }
 
+  // ---- security -------------------------------------------------------------------------
+
+  async recordSecurityEvent(event: NewSecurityEvent): Promise<void> {
+    await this.#db
+      .insertInto('security_events')
+      .values({
+        at: event.at ?? Date.now(),
+        kind: event.kind,
+        account: event.account ?? null,
+        ip: event.ip ?? null,
+        listener: event.listener ?? null,
+        detail: JSON.stringify(event.detail),
+      })
+      .execute();
+  }
+
+  async listSecurityEvents(options: { since?: number; limit?: number } = {}): Promise<SecurityEvent[]> {
+    const rows = await this.#db
+      .selectFrom('security_events')
+      .selectAll()
+      .where('at', '>=', options.since ?? 0)
+      .orderBy('id', 'desc')
+      .limit(options.limit ?? 1000)
+      .execute();
+    return rows.reverse().map((r) => ({
+      id: r.id,
+      at: Number(r.at),
+      kind: r.kind as SecurityEvent['kind'],
+      account: r.account,
+      ip: r.ip,
+      listener: r.listener,
+      detail: JSON.parse(r.detail) as SecurityEvent['detail'],
+    }));
+  }
+
+  async recordAudit(entry: Omit<AuditEntry, 'id' | 'at'> & { at?: number }): Promise<void> {
+    await this.#db
+      .insertInto('audit_log')
+      .values({ at: entry.at ?? Date.now(), actor: entry.actor, action: entry.action, target: entry.target, detail: JSON.stringify(entry.detail) })
+      .execute();
+  }
+
+  async listAudit(options: { since?: number; limit?: number } = {}): Promise<AuditEntry[]> {
+    const rows = await this.#db
+      .selectFrom('audit_log')
+      .selectAll()
+      .where('at', '>=', options.since ?? 0)
+      .orderBy('id', 'desc')
+      .limit(options.limit ?? 1000)
+      .execute();
+    return rows.reverse().map((r) => ({ ...r, at: Number(r.at), detail: JSON.parse(r.detail) as Record<string, unknown> }));
+  }
+
+  async noteAccountNetwork(account: string, network: string, now: number): Promise<boolean> {
+    const result = await this.#db
+      .insertInto('account_networks')
+      .values({ account: account.toLowerCase(), network, first_seen: now })
+      .onConflict((oc) => oc.doNothing())
+      .executeTakeFirst();
+    return Number(result.numInsertedOrUpdatedRows ?? 0) > 0;
+  }
+
+  async listAccountNetworks(account: string): Promise<{ network: string; firstSeen: number }[]> {
+    const rows = await this.#db
+      .selectFrom('account_networks')
+      .select(['network', 'first_seen'])
+      .where('account', '=', account.toLowerCase())
+      .orderBy('first_seen')
+      .execute();
+    return rows.map((r) => ({ network: r.network, firstSeen: Number(r.first_seen) }));
+  }
+
+  async usageSince(who: { account: string } | { clientIp: string }, since: number): Promise<Usage> {
+    let q = this.#db
+      .selectFrom('messages as m')
+      .leftJoin('recipients as r', 'r.queue_id', 'm.queue_id')
+      .select((eb) => [
+        eb.fn.count<number>('m.queue_id').distinct().as('messages'),
+        eb.fn.count<number>('r.idx').as('recipients'),
+        eb.fn.min<number>('m.received_at').as('oldest'),
+      ])
+      .where('m.received_at', '>=', since);
+    q = 'account' in who ? q.where('m.account', '=', who.account.toLowerCase()) : q.where('m.client_ip', '=', who.clientIp);
+    const row = await q.executeTakeFirst();
+    return {
+      messages: Number(row?.messages ?? 0),
+      recipients: Number(row?.recipients ?? 0),
+      oldestAt: row?.oldest == null ? null : Number(row.oldest),
+    };
+  }
+
+  counter(options: CounterOptions): RateLimiterAbstract {
+    return new RateLimiterSQLite({
+      storeClient: this.#counters,
+      storeType: 'better-sqlite3',
+      tableName: 'counters',
+      tableCreated: true,
+      keyPrefix: options.keyPrefix,
+      points: options.points,
+      duration: options.duration,
+      blockDuration: options.blockDuration ?? 0,
+    });
+  }
+
   async close(): Promise<void> {
     // Let a scheduled group commit finish: its callers are waiting to send 250.
     while (this.#flushScheduled || this.#pending.length > 0) await new Promise((r) => setImmediate(r));
     await this.#flushing;
     await this.#db.destroy();
+    this.#counters.close();
   }
 
   async #loadMessages(ids: string[]): Promise<QueuedMessage[]> {
@@ -391,6 +515,7 @@ function toAccount(row: AccountsTable): Account {
     passwordHash: row.password_hash,
     smtpAuth: row.smtp_auth === 1,
     enabled: row.enabled === 1,
+    policy: JSON.parse(row.policy || '{}') as AccountPolicy,
     createdAt: Number(row.created_at),
     updatedAt: Number(row.updated_at),
   };
