@@ -1,4 +1,5 @@
 // What every CLI command needs: the configuration the server uses and a store opened on it.
+import os from 'node:os';
 import type { Command } from 'commander';
 import { type Config, loadConfig } from '../config/load-config.js';
 import { openStore } from '../store/open-store.js';
@@ -41,4 +42,17 @@ export async function readStdin(): Promise<string> {
   const chunks: Buffer[] = [];
   for await (const chunk of process.stdin) chunks.push(chunk as Buffer);
   return Buffer.concat(chunks).toString('utf8');
+}
+
+/** Who made an admin change, for the audit log: the login behind sudo when there is one. */
+export function actor(): string {
+  let user = process.env.SUDO_USER;
+  if (!user) {
+    try {
+      user = os.userInfo().username;
+    } catch {
+      user = String(process.getuid?.() ?? 'unknown');
+    }
+  }
+  return `cli:${user}`;
 }

@@ -5,6 +5,7 @@ import { ConfigError } from '../config/load-config.js';
 import { registerAccountCommands } from './account-commands.js';
 import { UsageError } from './cli-context.js';
 import { registerQueueCommands } from './queue-commands.js';
+import { registerSecurityCommands } from './security-commands.js';
 import { registerServeCommand } from './serve-command.js';
 
 export function buildProgram(): Command {
@@ -17,6 +18,7 @@ export function buildProgram(): Command {
   registerServeCommand(program);
   registerAccountCommands(program);
   registerQueueCommands(program);
+  registerSecurityCommands(program);
   return program;
 }
 
