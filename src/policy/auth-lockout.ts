@@ -28,8 +28,8 @@ export class AuthLockout {
 
   async state(ip: string, username: string): Promise<LockoutState> {
     const [ipRes, accountRes] = await Promise.all([this.#byIp.get(ip), this.#byAccount.get(normal(username))]);
-    if (ipRes && ipRes.consumedPoints > this.#settings.ipFailures) return { locked: true, by: 'ip', retryMs: ipRes.msBeforeNext };
-    if (accountRes && accountRes.consumedPoints > this.#settings.accountFailures) {
+    if (ipRes && ipRes.consumedPoints >= this.#settings.ipFailures) return { locked: true, by: 'ip', retryMs: ipRes.msBeforeNext };
+    if (accountRes && accountRes.consumedPoints >= this.#settings.accountFailures) {
       return { locked: true, by: 'account', retryMs: accountRes.msBeforeNext };
     }
     return { locked: false };
@@ -49,7 +49,15 @@ export class AuthLockout {
     ]);
     // consume() rejects with the limiter's result once the points are spent; an Error is a fault.
     for (const r of [ipRes, accountRes]) if (r instanceof Error) throw r;
-    return this.state(ip, username);
+    const state = await this.state(ip, username);
+    // The failure that reaches the threshold starts a full cool-down, however old the first one.
+    if (state.locked) {
+      const seconds = Math.max(1, Math.round(this.#settings.windowMs / 1000));
+      if (state.by === 'ip') await this.#byIp.block(ip, seconds);
+      else await this.#byAccount.block(normal(username), seconds);
+      return { ...state, retryMs: seconds * 1000 };
+    }
+    return state;
   }
 
   /** A successful login clears the username's failures (not the address's). */
