@@ -4,7 +4,8 @@
 import { Authenticator } from './accounts/authenticator.js';
 import type { Config } from './config/load-config.js';
 import { type BoundListener, Intake } from './intake/intake.js';
-import { type TlsMaterial, loadOrCreateTlsMaterial } from './intake/tls-material.js';
+import { type TlsMaterial, expiresSoon, loadOrCreateTlsMaterial } from './intake/tls-material.js';
+import { TlsReloader } from './intake/tls-reloader.js';
 import type { Logger } from './observe/logger.js';
 import { SecurityEvents } from './policy/security-events.js';
 import { SessionPolicy } from './policy/session-policy.js';
@@ -17,6 +18,8 @@ export interface Postern {
   store: Store;
   intake: Intake;
   events: SecurityEvents;
+  /** Reads the certificate files again (SIGHUP); true when the new pair is in use. */
+  reloadTls(): boolean;
   listeners: BoundListener[];
   tls: TlsMaterial;
   stop(): Promise<void>;
@@ -37,7 +40,7 @@ export async function startPostern(config: Config, logger: Logger, options: Star
     await runner.start();
     const queueRunner = runner;
     const events = new SecurityEvents({ store, logger, config, onQueued: () => queueRunner.notify() });
-    intake = new Intake({
+    const started = (intake = new Intake({
       policy: new SessionPolicy(config, store, events),
       config,
       store,
@@ -45,22 +48,32 @@ export async function startPostern(config: Config, logger: Logger, options: Star
       logger,
       tls,
       onQueued: () => queueRunner.notify(),
-    });
+    }));
     const listeners = await intake.start();
+    const reloader = new TlsReloader({
+      certFile: config.tls.certFile,
+      keyFile: config.tls.keyFile,
+      logger,
+      apply: (material) => started.updateTls(material),
+    });
+    reloader.start();
+    const daysLeft = expiresSoon(tls);
+    if (daysLeft !== null) logger.warn({ event: 'tls_expiring', daysLeft, validTo: tls.validTo.toISOString() }, `the TLS certificate expires in ${daysLeft} days`);
     for (const l of listeners) logger.info({ event: 'listening', listener: l.kind, host: l.host, port: l.port }, `${l.kind} listening`);
     const grace = options.stopGraceMs ?? 10_000;
     let stopping: Promise<void> | undefined;
-    const started = intake;
     return {
       config,
       store,
       intake: started,
       events,
+      reloadTls: () => reloader.reload('SIGHUP'),
       listeners,
       tls,
       stop() {
         stopping ??= (async () => {
           logger.info({ event: 'stopping' }, 'stopping: no new connections');
+          reloader.stop();
           await started.close(grace);
           await events.drain();
           await queueRunner.stop(grace);

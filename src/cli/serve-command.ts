@@ -3,6 +3,7 @@
 import type { Command } from 'commander';
 import type { Config } from '../config/load-config.js';
 import type { BoundListener } from '../intake/intake.js';
+import { expiresSoon } from '../intake/tls-material.js';
 import { createLogger } from '../observe/logger.js';
 import { type Postern, startPostern } from '../postern.js';
 import { configFor } from './cli-context.js';
@@ -20,6 +21,7 @@ export function registerServeCommand(program: Command): void {
         process.once('SIGINT', () => resolve('SIGINT'));
       });
       const postern = await startPostern(config, logger);
+      process.on('SIGHUP', () => postern.reloadTls());
       process.stderr.write(await summary(postern));
       const signal = await signalled;
       logger.info({ event: 'signal', signal }, `${signal} received`);
@@ -56,7 +58,7 @@ async function summary(p: Postern): Promise<string> {
   lines.push(
     tls.generated
       ? `  TLS         generated a self-signed certificate for ${config.hostname} in ${config.tls.certFile}; devices that verify certificates need one from a CA (set [tls] cert/key)`
-      : `  TLS         ${tls.subject}, valid until ${tls.validTo.toISOString().slice(0, 10)}`,
+      : `  TLS         ${tls.subject}, valid until ${tls.validTo.toISOString().slice(0, 10)}${expiresSoon(tls) !== null ? ` (expires in ${expiresSoon(tls)} days: renew it; Postern reloads the files when they change)` : ''}`,
   );
   const routes = config.route.map((r) => `${r.domains.join(',')} -> ${r.host}:${r.port}`);
   lines.push(`  delivery    ${routes.length ? `routes: ${routes.join('; ')}; ` : ''}other domains by MX`);

@@ -89,6 +89,11 @@ export class Intake {
     return bound;
   }
 
+  /** Uses a new certificate and key for every new TLS handshake (renewal, SIGHUP). */
+  updateTls(material: { key: string; cert: string }): void {
+    for (const { server } of this.#servers) server.updateSecureContext({ key: material.key, cert: material.cert });
+  }
+
   /** Stops accepting connections; sessions in progress may finish their current message. */
   async close(graceMs = 10_000): Promise<void> {
     this.#accepting = false;

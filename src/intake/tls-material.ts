@@ -41,6 +41,17 @@ export async function loadOrCreateTlsMaterial(certFile: string, keyFile: string,
       `TLS: ${haveCert ? keyFile : certFile} is missing while ${haveCert ? certFile : keyFile} exists; provide both files (or neither, to generate a self-signed pair)`,
     );
   }
+  return { ...loadTlsMaterial(certFile, keyFile), generated };
+}
+
+/** Days before expiry from which start-up and reloads warn. */
+export const EXPIRY_WARNING_DAYS = 14;
+
+/**
+ * Reads and checks a certificate and its key: PEM, matching, not expired. Throws an Error naming
+ * the file and the problem, which start-up prints and a reload logs (keeping the old pair).
+ */
+export function loadTlsMaterial(certFile: string, keyFile: string, now = new Date()): Omit<TlsMaterial, 'generated'> {
   const cert = fs.readFileSync(certFile, 'utf8');
   const key = fs.readFileSync(keyFile, 'utf8');
   let x509: X509Certificate;
@@ -52,7 +63,22 @@ export async function loadOrCreateTlsMaterial(certFile: string, keyFile: string,
   if (!x509.checkPrivateKey(parseKey(key, keyFile))) {
     throw new Error(`TLS: the key in ${keyFile} does not belong to the certificate in ${certFile}`);
   }
-  return { cert, key, generated, subject: x509.subject.replace(/\n/g, ', '), validTo: new Date(x509.validTo) };
+  const validTo = new Date(x509.validTo);
+  if (validTo.getTime() <= now.getTime()) {
+    throw new Error(
+      `TLS: the certificate in ${certFile} expired on ${validTo.toISOString().slice(0, 10)}; install a renewed one (or remove both files to generate a self-signed pair)`,
+    );
+  }
+  if (new Date(x509.validFrom).getTime() > now.getTime()) {
+    throw new Error(`TLS: the certificate in ${certFile} is not valid before ${new Date(x509.validFrom).toISOString()}`);
+  }
+  return { cert, key, subject: x509.subject.replace(/\n/g, ', '), validTo };
+}
+
+/** Whole days left, when fewer than EXPIRY_WARNING_DAYS; otherwise null. */
+export function expiresSoon(material: Pick<TlsMaterial, 'validTo'>, now = new Date()): number | null {
+  const days = Math.floor((material.validTo.getTime() - now.getTime()) / 86_400_000);
+  return days < EXPIRY_WARNING_DAYS ? days : null;
 }
 
 function parseKey(pem: string, file: string) {

@@ -1,0 +1,453 @@
+// `npm run bench`: how fast Postern takes mail, how much memory it holds, and how that compares
+// with the fastest a Node SMTP intake can be on the same machine.
+//
+// Processes (all on 127.0.0.1, all children of this one, each ended by its pid):
+//   postern        `node bin/postern.js serve`, fresh temp data dir; the bench domain is routed
+//                  to the sink. Its RSS and CPU are read from /proc/<pid>.
+//   sink           a discard server counting what Postern delivers (end-to-end figure).
+//   ceiling-tls    a bare smtp-server (PosternSmtpServer: no 100 ms greeting wait) with the same
+//                  certificate, TLS floor and AUTH as the submission port; discards messages.
+//   ceiling-plain  the same without TLS and AUTH: the ceiling for the relay port.
+//   stock-tls      ceiling-tls on stock SMTPServer (with the 100 ms wait), for reference.
+//   load workers   forked per scenario; nodemailer's SMTPConnection (load-worker.ts).
+//
+// Each scenario runs the ceiling first and Postern right after, so both see the same machine
+// state; after each Postern scenario the bench waits until the sink has every message, so the
+// next scenario does not compete with the previous one's deliveries.
+//
+// Environment: BENCH_SECONDS (window, default 5), BENCH_WARMUP_SECONDS (1), BENCH_E2E_SECONDS (8),
+// BENCH_LOAD_PROCS (load worker processes per scenario, default 1), BENCH_CPU_PROF=1 (Postern
+// runs with --cpu-prof; the profile lands in the temp dir), BENCH_LOG_LEVEL (Postern's log level,
+// default: the config's, info), BENCH_POSTERN_NODE_ARGS (extra node flags for Postern, e.g.
+// "--max-semi-space-size=2"), BENCH_POLICY=off (`[policy] enforce = false`; by default the policy
+// runs with limits far above the load), BENCH_KEEP=1 (keep the whole temp dir; by default only the
+// results, the profile and the config are kept), BENCH_ONLY=memory|throughput (one half).
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { performance } from 'node:perf_hooks';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { writeBenchCertificate } from './bench-certificate.js';
+import { type DiscardServer, runLoad, startDiscardServer } from './bench-children.js';
+import type { LoadResult, LoadScenario } from './bench-ipc.js';
+import { BENCH_SENDER } from './bench-message.js';
+import {
+  type BenchResults,
+  type BigMessageFigures,
+  type EndToEndFigures,
+  type IdleFigures,
+  type PortKind,
+  type ScenarioFigures,
+  formatReport,
+  judgeTargets,
+  label,
+  percentile,
+} from './bench-report.js';
+import { openIdleConnections } from './idle-connections.js';
+import { PosternProcess } from './postern-process.js';
+import { CpuMeter, RssSampler, cpuCheckMs, describeMachine, measureFileCreate, readMemory } from './proc-stats.js';
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+const MESSAGE_SIZE = 4 * KiB;
+/** Postern's default max_message_size (35 MiB); the big message is just under it. */
+const MAX_MESSAGE_SIZE = 35 * MiB;
+const BIG_MESSAGE_SIZE = MAX_MESSAGE_SIZE - 4 * KiB;
+const IDLE_CONNECTIONS = 1000;
+const CONCURRENCY = [1, 10, 50];
+const ACCOUNT = { user: BENCH_SENDER, pass: 'bench-password-0123456789' };
+/** Loopback source addresses for the load; the per-IP cap stays far away and ports never run short. */
+const SOURCE_ADDRESSES = Array.from({ length: 16 }, (_, i) => `127.0.0.${i + 2}`);
+
+const settings = {
+  windowSeconds: envNumber('BENCH_SECONDS', 5),
+  warmupSeconds: envNumber('BENCH_WARMUP_SECONDS', 1),
+  e2eSeconds: envNumber('BENCH_E2E_SECONDS', 8),
+  loadProcs: envNumber('BENCH_LOAD_PROCS', 1),
+  cpuProfile: process.env.BENCH_CPU_PROF === '1',
+  posternNodeArgs: (process.env.BENCH_POSTERN_NODE_ARGS ?? '').split(' ').filter(Boolean),
+  logLevel: process.env.BENCH_LOG_LEVEL || 'info (config default)',
+  policy: envChoice('BENCH_POLICY', ['on', 'off']),
+  only: envChoice('BENCH_ONLY', ['all', 'memory', 'throughput']),
+  messageSize: MESSAGE_SIZE,
+  concurrency: CONCURRENCY,
+};
+
+function envNumber(name: string, fallback: number): number {
+  const raw = process.env[name];
+  if (!raw) return fallback;
+  const n = Number(raw);
+  if (!Number.isFinite(n) || n <= 0 || n > 3600) throw new Error(`${name} must be a positive number of at most 3600, not "${raw}"`);
+  return n;
+}
+
+function envChoice(name: string, choices: string[]): string {
+  const raw = process.env[name] || choices[0]!;
+  if (!choices.includes(raw)) throw new Error(`${name} must be one of ${choices.join(', ')}, not "${raw}"`);
+  return raw;
+}
+
+function say(line: string): void {
+  process.stderr.write(`[bench] ${line}\n`);
+}
+
+async function main(): Promise<void> {
+  if (process.platform !== 'linux') throw new Error('the benchmark reads /proc/<pid>/status and runs on Linux only');
+  const started = performance.now();
+  const startedAt = new Date().toISOString();
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'postern-bench-'));
+  say(`temp dir ${dir}`);
+  const machine = describeMachine(dir);
+
+  const tlsDir = path.join(dir, 'tls');
+  fs.mkdirSync(tlsDir, { mode: 0o700 });
+  const certFile = path.join(tlsDir, 'cert.pem');
+  const keyFile = path.join(tlsDir, 'key.pem');
+  const certificate = await writeBenchCertificate(certFile, keyFile);
+  say(`certificate: ${certificate}`);
+
+  const children: { stop(): Promise<void> }[] = [];
+  const results: BenchResults = {
+    startedAt,
+    durationSeconds: 0,
+    machine,
+    cpuChecksMs: [cpuCheckMs()],
+    settings: { ...settings, certificate },
+    ceilingNote:
+      'bare smtp-server run as PosternSmtpServer (src/intake/postern-smtp-server.ts: stock SMTPServer minus the 100 ms ' +
+      'greeting wait, plus TCP_NODELAY), same certificate and TLS >= 1.2 and AUTH PLAIN as the submission port, ' +
+      'disableReverseLookup, discards each message; ceiling-plain is the same without TLS and AUTH (for the relay port)',
+    scenarios: [],
+    endToEnd: null,
+    posternRssAtStartBytes: 0,
+    idle: [],
+    bigMessage: [],
+    targets: [],
+  };
+
+  try {
+    const serverBase = { certFile, keyFile, user: ACCOUNT.user, pass: ACCOUNT.pass, maxSize: MAX_MESSAGE_SIZE };
+    const sink = await startDiscardServer({ ...serverBase, role: 'sink', tlsAndAuth: false, stockGreetingDelay: false });
+    children.push(sink);
+    const ceilingTls = await startDiscardServer({ ...serverBase, role: 'ceiling-tls', tlsAndAuth: true, stockGreetingDelay: false });
+    children.push(ceilingTls);
+    const ceilingPlain = await startDiscardServer({ ...serverBase, role: 'ceiling-plain', tlsAndAuth: false, stockGreetingDelay: false });
+    children.push(ceilingPlain);
+    const stockTls = await startDiscardServer({ ...serverBase, role: 'stock-tls', tlsAndAuth: true, stockGreetingDelay: true });
+    children.push(stockTls);
+
+    const profileDir = path.join(dir, 'profile');
+    const postern = await PosternProcess.start(
+      {
+        dir,
+        certFile,
+        keyFile,
+        sinkPort: sink.port,
+        maxMessageSize: MAX_MESSAGE_SIZE,
+        nodeArgs: [...settings.posternNodeArgs, ...(settings.cpuProfile ? ['--cpu-prof', `--cpu-prof-dir=${profileDir}`] : [])],
+        logLevel: process.env.BENCH_LOG_LEVEL || undefined,
+        enforcePolicy: settings.policy === 'on',
+      },
+      ACCOUNT,
+    );
+    children.push(postern);
+    results.posternRssAtStartBytes = readMemory(postern.pid)?.rss ?? 0;
+    machine.spoolCreateMedianMs = measureFileCreate(path.join(dir, 'data', 'spool'));
+    say(`file create in the spool directory: ${machine.spoolCreateMedianMs.toFixed(3)} ms`);
+    say(`postern pid ${postern.pid}: submission ${postern.ports.submission}, relay ${postern.ports.relay}; sink ${sink.port}`);
+
+    const bench = new Bench(sink, postern);
+    const portOf = { submission: postern.ports.submission, relay: postern.ports.relay };
+
+    // Warm-up: JIT, the auth cache, SQLite pages, the delivery connections. Not measured.
+    say('warm-up');
+    await bench.posternLoad('submission', 'reuse', 10, { warmupMs: 0, durationMs: 2000 });
+    await bench.drain();
+
+    if (settings.only !== 'throughput') {
+      say('35 MiB message to Postern');
+      results.bigMessage.push(await bench.bigMessage('postern', postern.pid, postern.ports.submission));
+      say('35 MiB message to ceiling-tls');
+      results.bigMessage.push(await bench.bigMessage('ceiling-tls', ceilingTls.pid, ceilingTls.port));
+      say(`${IDLE_CONNECTIONS} idle connections to postern (after warm-up)`);
+      results.idle.push(await bench.idle('postern', 'after warm-up', postern.pid, postern.ports.submission));
+    }
+
+    if (settings.only !== 'memory') {
+      for (const port of ['submission', 'relay'] as const) {
+        for (const mode of ['new', 'reuse'] as const) {
+          for (const c of CONCURRENCY) {
+            const ceiling = port === 'submission' ? ceilingTls : ceilingPlain;
+            const check = cpuCheckMs();
+            results.cpuChecksMs.push(check);
+            say(`${label(port, mode)} c=${c}: ${ceiling.role} (CPU check ${check.toFixed(0)} ms)`);
+            const ceilingFigures = await bench.scenario(ceiling.role, ceiling.pid, ceiling.port, port, mode, c);
+            results.scenarios.push({ ...ceilingFigures, cpuCheckMs: check });
+            say(`${label(port, mode)} c=${c}: postern`);
+            const figures = await bench.scenario('postern', postern.pid, portOf[port], port, mode, c);
+            figures.drainSeconds = (await bench.drain()).seconds;
+            figures.cpuCheckMs = check;
+            results.scenarios.push(figures);
+            say(`  ceiling ${results.scenarios.at(-2)!.messagesPerSecond.toFixed(0)}/s, postern ${figures.messagesPerSecond.toFixed(0)}/s, drained in ${figures.drainSeconds.toFixed(1)} s`);
+          }
+        }
+      }
+      // Diagnostic: the same c=50 loads with delivery held back (the sink paused, so Postern's
+      // deliveries wait for a greeting and its queue runner stops claiming). What remains is the
+      // intake alone: sessions, spool files, group commits. Each pause stays well under the
+      // delivery connect timeout (30 s), and the queue drains after the sink resumes.
+      for (const port of ['submission', 'relay'] as const) {
+        for (const mode of ['new', 'reuse'] as const) {
+          const check = cpuCheckMs();
+          results.cpuChecksMs.push(check);
+          say(`${label(port, mode)} c=50: postern with delivery paused (CPU check ${check.toFixed(0)} ms)`);
+          sink.pause();
+          let figures: ScenarioFigures;
+          try {
+            figures = await bench.scenario('postern-intake-only', postern.pid, portOf[port], port, mode, 50);
+          } finally {
+            sink.resume();
+          }
+          figures.drainSeconds = (await bench.drain()).seconds;
+          figures.cpuCheckMs = check;
+          results.scenarios.push(figures);
+          say(`  postern (intake only) ${figures.messagesPerSecond.toFixed(0)}/s, drained in ${figures.drainSeconds.toFixed(1)} s`);
+        }
+      }
+      for (const c of [1, 50]) {
+        say(`stock smtp-server new conn/msg c=${c}`);
+        results.scenarios.push(await bench.scenario('stock-tls', stockTls.pid, stockTls.port, 'submission', 'new', c));
+      }
+      results.cpuChecksMs.push(cpuCheckMs());
+      say('end-to-end');
+      results.endToEnd = await bench.endToEnd(postern.ports.submission);
+    }
+
+    if (settings.only !== 'throughput') {
+      const phase = settings.only === 'memory' ? 'at the end' : 'after load';
+      say(`${IDLE_CONNECTIONS} idle connections to postern (${phase})`);
+      results.idle.push(await bench.idle('postern', phase, postern.pid, postern.ports.submission));
+      say(`${IDLE_CONNECTIONS} idle connections to ceiling-tls (${phase})`);
+      results.idle.push(await bench.idle('ceiling-tls', phase, ceilingTls.pid, ceilingTls.port));
+    }
+
+    say('stopping Postern');
+    await postern.stop();
+  } finally {
+    for (const child of children.reverse()) await child.stop().catch(() => undefined);
+  }
+
+  results.cpuChecksMs.push(cpuCheckMs());
+  results.durationSeconds = (performance.now() - started) / 1000;
+  results.targets = judgeTargets(results);
+  const jsonFile = path.join(dir, 'bench-results.json');
+  fs.writeFileSync(jsonFile, `${JSON.stringify(results, null, 2)}\n`);
+  if (process.env.BENCH_KEEP !== '1') {
+    // The queue and the log can be hundreds of MB; keep what a person reads afterwards.
+    for (const name of ['data', 'postern.log', 'tls']) fs.rmSync(path.join(dir, name), { recursive: true, force: true });
+  }
+  process.stdout.write(formatReport(results, jsonFile));
+  if (settings.cpuProfile) process.stdout.write(`Postern CPU profile: ${profileFiles(path.join(dir, 'profile')).join(', ') || 'none written'}\n`);
+}
+
+function profileFiles(dir: string): string[] {
+  try {
+    return fs.readdirSync(dir).map((f) => path.join(dir, f));
+  } catch {
+    return [];
+  }
+}
+
+class Bench {
+  readonly #sink: DiscardServer;
+  readonly #postern: PosternProcess;
+  /** Every message Postern answered 250 to; the sink should end up with as many. */
+  #posternAccepted = 0;
+
+  constructor(sink: DiscardServer, postern: PosternProcess) {
+    this.#sink = sink;
+    this.#postern = postern;
+  }
+
+  #scenario(port: number, kind: PortKind, mode: 'new' | 'reuse', concurrency: number, overrides: Partial<LoadScenario> = {}): LoadScenario {
+    return {
+      port,
+      mode,
+      concurrency,
+      auth: kind === 'submission' ? ACCOUNT : undefined,
+      warmupMs: settings.warmupSeconds * 1000,
+      durationMs: settings.windowSeconds * 1000,
+      maxMessages: 1_000_000,
+      messageSize: MESSAGE_SIZE,
+      localAddresses: SOURCE_ADDRESSES,
+      maxErrors: 200,
+      ...overrides,
+    };
+  }
+
+  /** Unmeasured load on Postern (warm-up). */
+  async posternLoad(kind: PortKind, mode: 'new' | 'reuse', concurrency: number, overrides: Partial<LoadScenario>): Promise<LoadResult> {
+    const port = this.#postern.ports[kind];
+    const result = await runLoad(this.#scenario(port, kind, mode, concurrency, overrides), settings.loadProcs);
+    this.#posternAccepted += result.accepted;
+    return result;
+  }
+
+  async scenario(server: string, pid: number, port: number, kind: PortKind, mode: 'new' | 'reuse', concurrency: number): Promise<ScenarioFigures> {
+    const meter = new CpuMeter({ server: pid, sink: this.#sink.pid });
+    const cpu: Record<string, number> = {};
+    const result = await runLoad(this.#scenario(port, kind, mode, concurrency), settings.loadProcs, {
+      onWindowStart: () => meter.start(),
+      onWindowEnd: () => Object.assign(cpu, meter.stop()),
+    });
+    if (server.startsWith('postern')) this.#posternAccepted += result.accepted;
+    if (result.errors) say(`  ${result.errors} errors: ${result.firstErrors.join(' | ')}`);
+    return {
+      server,
+      port: kind,
+      mode,
+      concurrency,
+      messagesPerSecond: result.measured / (result.windowMs / 1000),
+      measured: result.measured,
+      accepted: result.accepted,
+      errors: result.errors,
+      firstErrors: result.firstErrors,
+      transactionP50Ms: percentile(result.transactionMs, 50),
+      transactionP99Ms: percentile(result.transactionMs, 99),
+      sessionP50Ms: mode === 'new' ? percentile(result.sessionMs, 50) : null,
+      sessionP99Ms: mode === 'new' ? percentile(result.sessionMs, 99) : null,
+      cpu: {
+        server: cpu.server ?? 0,
+        serverSystem: cpu['server:sys'] ?? 0,
+        client: result.cpuCores,
+        sink: cpu.sink ?? 0,
+        other: otherCores(cpu, result.cpuCores),
+      },
+    };
+  }
+
+  /** Waits until the sink holds every message Postern accepted: at most 180 s, or 30 s without progress. */
+  async drain(): Promise<{ seconds: number; reached: boolean }> {
+    const t0 = performance.now();
+    let last = -1;
+    let lastProgress = t0;
+    while (performance.now() - t0 < 180_000) {
+      const { messages } = await this.#sink.stats();
+      if (messages >= this.#posternAccepted) return { seconds: (performance.now() - t0) / 1000, reached: true };
+      if (messages !== last) {
+        last = messages;
+        lastProgress = performance.now();
+      } else if (performance.now() - lastProgress > 30_000) {
+        break;
+      }
+      await sleep(25);
+    }
+    say(`  drain incomplete: sink has ${last} of ${this.#posternAccepted}`);
+    return { seconds: (performance.now() - t0) / 1000, reached: false };
+  }
+
+  /** One message of BIG_MESSAGE_SIZE over STARTTLS+AUTH, with the server's VmRSS sampled every 5 ms. */
+  async bigMessage(server: string, pid: number, port: number): Promise<BigMessageFigures> {
+    await sleep(1000);
+    const t0 = performance.now();
+    const sampler = new RssSampler(pid, 5);
+    const result = await runLoad(
+      this.#scenario(port, 'submission', 'reuse', 1, { warmupMs: 0, durationMs: 120_000, maxMessages: 1, messageSize: BIG_MESSAGE_SIZE }),
+      1,
+    );
+    const receive = sampler.snapshot();
+    const seconds = (performance.now() - t0) / 1000;
+    if (result.accepted !== 1) throw new Error(`${server} did not accept the ${BIG_MESSAGE_SIZE}-byte message: ${result.firstErrors.join(' | ')}`);
+    let withDelivery: number | null = null;
+    if (server === 'postern') {
+      this.#posternAccepted += 1;
+      await this.drain();
+      await sleep(200);
+      withDelivery = sampler.snapshot().maxRss;
+    }
+    const end = sampler.stop();
+    return {
+      server,
+      bytes: BIG_MESSAGE_SIZE,
+      rssBeforeBytes: receive.before.rss,
+      peakReceiveBytes: receive.maxRss,
+      peakWithDeliveryBytes: withDelivery,
+      hwmBeforeBytes: receive.before.peak,
+      hwmAfterBytes: end.after.peak,
+      samples: end.samples,
+      seconds,
+    };
+  }
+
+  /** RSS before and with IDLE_CONNECTIONS greeted, silent TCP connections. */
+  async idle(server: string, phase: string, pid: number, port: number): Promise<IdleFigures> {
+    await sleep(1000);
+    const before = readMemory(pid)?.rss ?? 0;
+    // Sampled from the first connection until 2 s after the last greeting: a garbage collection
+    // in between can lower RSS, so the highest sample is the figure (the lowest is kept too).
+    const sampler = new RssSampler(pid, 50);
+    const idle = await openIdleConnections(port, IDLE_CONNECTIONS, SOURCE_ADDRESSES);
+    if (idle.failed) say(`  ${idle.failed} connections failed: ${idle.firstError}`);
+    let lowest = Number.POSITIVE_INFINITY;
+    for (let i = 0; i < 20; i++) {
+      await sleep(100);
+      lowest = Math.min(lowest, readMemory(pid)?.rss ?? lowest);
+    }
+    const held = sampler.stop();
+    await idle.close();
+    await sleep(500);
+    return {
+      server,
+      phase,
+      connections: IDLE_CONNECTIONS,
+      greeted: idle.greeted,
+      failed: idle.failed,
+      rssBeforeBytes: before,
+      rssWithIdleBytes: held.maxRss,
+      rssWithIdleLowestBytes: lowest,
+    };
+  }
+
+  /** Load for e2eSeconds, then until the sink has it all: messages over first submission -> last arrival. */
+  async endToEnd(port: number): Promise<EndToEndFigures> {
+    await this.drain();
+    const base = await this.#sink.stats();
+    const meter = new CpuMeter({ server: this.#postern.pid, sink: this.#sink.pid });
+    meter.start();
+    const startWall = Date.now();
+    const result = await runLoad(this.#scenario(port, 'submission', 'reuse', 50, { warmupMs: 0, durationMs: settings.e2eSeconds * 1000 }), settings.loadProcs);
+    const loadSeconds = (Date.now() - startWall) / 1000;
+    this.#posternAccepted += result.accepted;
+    await this.drain();
+    const cpu = meter.stop();
+    const meterSeconds = (Date.now() - startWall) / 1000;
+    // The load workers ran only during the load; spread their CPU over the whole measured time.
+    const client = (result.cpuCores * loadSeconds) / Math.max(0.001, meterSeconds);
+    const end = await this.#sink.stats();
+    const delivered = end.messages - base.messages;
+    const totalSeconds = Math.max(0.001, (end.lastAt - startWall) / 1000);
+    return {
+      accepted: result.accepted,
+      delivered,
+      loadSeconds,
+      totalSeconds,
+      messagesPerSecond: Math.min(delivered, result.accepted) / totalSeconds,
+      acceptedPerSecond: result.accepted / loadSeconds,
+      cpu: { server: cpu.server ?? 0, client, sink: cpu.sink ?? 0, other: otherCores(cpu, client) },
+    };
+  }
+}
+
+/** Machine CPU not used by the server, the sink or the load workers (never below 0). */
+function otherCores(cpu: Record<string, number>, client: number): number {
+  if (cpu.machine === undefined) return 0;
+  return Math.max(0, cpu.machine - (cpu.server ?? 0) - (cpu.sink ?? 0) - client);
+}
+
+main().then(
+  () => process.exit(0),
+  (err: Error) => {
+    process.stderr.write(`bench failed: ${err.stack ?? err.message}\n`);
+    process.exit(1);
+  },
+);
