@@ -59,7 +59,15 @@ export async function startPostern(config: Config, logger: Logger, options: Star
     reloader.start();
     const daysLeft = expiresSoon(tls);
     if (daysLeft !== null) logger.warn({ event: 'tls_expiring', daysLeft, validTo: tls.validTo.toISOString() }, `the TLS certificate expires in ${daysLeft} days`);
-    for (const l of listeners) logger.info({ event: 'listening', listener: l.kind, host: l.host, port: l.port }, `${l.kind} listening`);
+    for (const l of listeners) {
+      logger.info({ event: 'listening', listener: l.kind, host: l.host, port: l.port, legacy: l.legacy }, `${l.kind} listening`);
+      if (l.legacy) {
+        logger.warn(
+          { event: 'legacy_listener', listener: l.kind, host: l.host, port: l.port },
+          `${l.kind} on ${l.host}:${l.port} is a legacy listener: AUTH without TLS and TLS 1.0/1.1 are allowed there`,
+        );
+      }
+    }
     const grace = options.stopGraceMs ?? 10_000;
     let stopping: Promise<void> | undefined;
     return {

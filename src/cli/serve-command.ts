@@ -43,7 +43,8 @@ function describeListener(l: BoundListener, config: Config): string {
   const fallback = l.fellBackFrom
     ? `\n      port ${l.fellBackFrom} needs privileges; using ${l.port}. For ${l.fellBackFrom}: run as root, or \`sudo setcap cap_net_bind_service=+ep "$(command -v node)"\`, or set [listen] in postern.toml`
     : '';
-  return `  ${l.kind.padEnd(11)} ${where.padEnd(22)} ${what}${fallback}`;
+  const legacy = l.legacy ? '\n      LEGACY: passwords without TLS and TLS 1.0/1.1 are accepted here; keep it on a trusted LAN' : '';
+  return `  ${l.kind.padEnd(11)} ${where.padEnd(22)} ${what}${fallback}${legacy}`;
 }
 
 async function summary(p: Postern): Promise<string> {

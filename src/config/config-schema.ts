@@ -18,6 +18,19 @@ export const listenAddress = z.string().transform((value, ctx) => {
 export interface ListenAddress {
   host: string;
   port: number;
+  /** Old-device profile: AUTH without TLS and TLS 1.0/1.1 allowed (LAN addresses only). */
+  legacy?: boolean;
+}
+
+/** Loopback, RFC 1918, CGNAT, link-local and unique-local addresses: never reachable from the internet. */
+export function isNonPublicAddress(host: string): boolean {
+  const list = new net.BlockList();
+  for (const [a, b] of [['127.0.0.0', 8], ['10.0.0.0', 8], ['172.16.0.0', 12], ['192.168.0.0', 16], ['100.64.0.0', 10], ['169.254.0.0', 16]] as const) {
+    list.addSubnet(a, b, 'ipv4');
+  }
+  for (const [a, b] of [['::1', 128], ['fc00::', 7], ['fe80::', 10]] as const) list.addSubnet(a, b, 'ipv6');
+  const family = net.isIPv4(host) ? 'ipv4' : net.isIPv6(host) ? 'ipv6' : null;
+  return family !== null && list.check(host, family);
 }
 
 export function parseListenAddress(value: string): ListenAddress | null {
@@ -30,6 +43,33 @@ export function parseListenAddress(value: string): ListenAddress | null {
   if (m[1] && !net.isIPv6(m[1])) return null;
   return { host: host || '::', port };
 }
+
+/** A listener: "host:port", or { address = "host:port", legacy = true } for old devices. */
+const listenerTable = z.strictObject({ address: listenAddress, legacy: z.boolean().default(false) });
+
+// Not z.union: its errors say only "Invalid input"; this names the key and the reason.
+const listener = z.unknown().transform((value, ctx): ListenAddress => {
+  if (typeof value === 'string') {
+    const parsed = parseListenAddress(value);
+    if (parsed) return parsed;
+    ctx.addIssue({ code: 'custom', message: `expected "host:port" (for example "127.0.0.1:2587" or ":587"), got "${value}"` });
+    return z.NEVER;
+  }
+  const table = listenerTable.safeParse(value);
+  if (!table.success) {
+    for (const issue of table.error.issues) ctx.addIssue({ ...issue, path: issue.path } as never);
+    return z.NEVER;
+  }
+  const { address, legacy } = table.data;
+  if (legacy && !isNonPublicAddress(address.host)) {
+    ctx.addIssue({
+      code: 'custom',
+      message: `legacy = true allows passwords without TLS, so it needs a loopback or private LAN address (such as 192.168.1.10:587), not "${address.host}"`,
+    });
+    return z.NEVER;
+  }
+  return { ...address, legacy };
+});
 
 const cidr = z.string().refine(
   (value) => {
@@ -76,9 +116,9 @@ export const configSchema = z
     data_dir: z.string().min(1).default('./data'),
     listen: z
       .strictObject({
-        submission: listenAddress.optional(),
-        smtps: listenAddress.optional(),
-        relay: listenAddress.optional(),
+        submission: listener.optional(),
+        smtps: listener.optional(),
+        relay: listener.optional(),
         http: listenAddress.optional(),
       })
       .optional(),

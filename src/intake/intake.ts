@@ -32,6 +32,7 @@ export interface BoundListener {
   kind: ListenerKind;
   host: string;
   port: number;
+  legacy: boolean;
   /** Set when a default privileged port could not be bound and the fallback was used. */
   fellBackFrom?: number;
 }
@@ -82,7 +83,7 @@ export class Intake {
     for (const kind of ['submission', 'smtps', 'relay'] as const) {
       const address = listen[kind];
       if (!address) continue;
-      const server = this.#createServer(kind);
+      const server = this.#createServer(kind, address.legacy === true);
       this.#servers.push({ kind, server });
       bound.push(await bindListener(server, kind, address, this.#options.logger));
     }
@@ -108,7 +109,7 @@ export class Intake {
     );
   }
 
-  #createServer(kind: ListenerKind): PosternSmtpServer {
+  #createServer(kind: ListenerKind, legacy: boolean): PosternSmtpServer {
     const { config, tls } = this.#options;
     const requiresAuth = kind !== 'relay';
     // The relay port offers AUTH only when a connector asks for it.
@@ -119,8 +120,12 @@ export class Intake {
       secure: kind === 'smtps',
       key: tls.key,
       cert: tls.cert,
-      minVersion: 'TLSv1.2',
-      hideAuthBeforeTls: true,
+      // The legacy profile is for old devices on a LAN (the config refuses it on public
+      // addresses): TLS 1.0/1.1 with their old ciphers, and AUTH before or without STARTTLS.
+      minVersion: legacy ? 'TLSv1' : 'TLSv1.2',
+      ...(legacy ? { ciphers: 'DEFAULT:@SECLEVEL=0' } : {}),
+      allowInsecureAuth: legacy,
+      hideAuthBeforeTls: !legacy,
       authMethods: ['PLAIN', 'LOGIN'],
       authOptional: !requiresAuth,
       disabledCommands: offersAuth ? [] : ['AUTH'],
@@ -430,7 +435,7 @@ async function bindListener(
   };
   try {
     const info = await listenAnyFamily(address.port);
-    return { kind, host: info.address, port: info.port };
+    return { kind, host: info.address, port: info.port, legacy: address.legacy === true };
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
     if (code === 'EACCES' && address.fallbackPort) {
@@ -441,7 +446,7 @@ async function bindListener(
         { event: 'listen_fallback', listener: kind, wanted: address.port, port: info.port },
         `port ${address.port} needs privileges; ${kind} listens on ${info.port} instead`,
       );
-      return { kind, host: info.address, port: info.port, fellBackFrom: address.port };
+      return { kind, host: info.address, port: info.port, fellBackFrom: address.port, legacy: false };
     }
     const why =
       code === 'EADDRINUSE'
