@@ -150,3 +150,36 @@ describe('default ports without privileges', () => {
     expect(await server.stop()).toBe(0);
   });
 });
+
+describe('account policy and the audit log', () => {
+  it('sets policy options, shows them, and records every change with who made it', () => {
+    const dir = tempDir();
+    writeConfig(dir);
+    run(['account', 'add', 'app@example.com', '--generate'], { cwd: dir });
+    const set = run(
+      ['account', 'set', 'app@example.com', '--send-as', 'noreply@example.com,*@alerts.example.com', '--recipient-domains', 'example.com', '--messages-per-minute', '120', '--networks', '10.0.0.0/8'],
+      { cwd: dir },
+    );
+    expect(set.stdout).toBe('Account app@example.com: policy updated.\n');
+    const shown = JSON.parse(run(['account', 'show', 'app@example.com', '--json'], { cwd: dir }).stdout) as Record<string, unknown>;
+    expect(shown).toMatchObject({
+      send_as: ['app@example.com', 'noreply@example.com', '*@alerts.example.com'],
+      recipient_domains: ['example.com'],
+      networks: ['10.0.0.0/8'],
+      limits: { messagesPerMinute: 120 },
+    });
+    run(['account', 'set', 'app@example.com', '--messages-per-minute', 'default', '--recipient-domains', ''], { cwd: dir });
+    const after = JSON.parse(run(['account', 'show', 'app@example.com', '--json'], { cwd: dir }).stdout) as Record<string, unknown>;
+    expect(after).toMatchObject({ recipient_domains: 'any', limits: {} });
+    expect(run(['account', 'set', 'app@example.com', '--send-as', 'not an address'], { cwd: dir }).stderr).toContain('--send-as: "not an address" is not an address or *@domain');
+    expect(run(['account', 'set', 'app@example.com', '--max-connections', '0'], { cwd: dir }).status).toBe(2);
+    run(['account', 'set', 'app@example.com', '--smtp-auth', 'off'], { cwd: dir });
+
+    const audit = JSON.parse(run(['security', 'audit', '--json'], { cwd: dir }).stdout) as { actor: string; action: string; target: string; detail: Record<string, unknown> }[];
+    expect(audit.map((a) => a.action)).toEqual(['account.add', 'account.set', 'account.set', 'account.set']);
+    expect(audit.every((a) => a.actor.startsWith('cli:') && a.target === 'app@example.com')).toBe(true);
+    expect(audit[3]!.detail).toEqual({ smtp_auth: false });
+    expect(JSON.stringify(audit)).not.toMatch(/argon2|Password:/);
+    expect(run(['security', 'events'], { cwd: dir }).stdout).toMatch(/^No security events since /);
+  });
+});
