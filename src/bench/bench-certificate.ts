@@ -15,7 +15,7 @@ const SUBJECT = 'postern.bench.test';
 
 export async function writeBenchCertificate(certFile: string, keyFile: string): Promise<string> {
   const now = Date.now();
-  const validity = { notBeforeDate: new Date(now - 60_000), notAfterDate: new Date(now + 7 * 86_400_000) };
+  const validity = { notBeforeDate: new Date(now - 60_000), notAfterDate: new Date(now + 90 * 86_400_000) };
   const extensions = [
     { name: 'basicConstraints' as const, cA: false },
     { name: 'subjectAltName' as const, altNames: [{ type: 2 as const, value: SUBJECT }] },
@@ -37,7 +37,7 @@ export async function writeBenchCertificate(certFile: string, keyFile: string): 
   try {
     execFileSync(
       'openssl',
-      ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-sha256', '-nodes', '-days', '7',
+      ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-sha256', '-nodes', '-days', '90',
         '-subj', `/CN=${SUBJECT}`, '-addext', `subjectAltName=DNS:${SUBJECT}`, '-keyout', keyFile, '-out', certFile],
       { stdio: 'ignore', timeout: 30_000 },
     );

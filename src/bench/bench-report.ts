@@ -27,6 +27,11 @@ export interface ScenarioFigures {
   drainSeconds?: number;
   /** cpuCheckMs() just before this scenario (lower is faster). */
   cpuCheckMs?: number;
+  /**
+   * Postern only: messages it had accepted before this scenario. The policy's rolling 24-hour
+   * usage grows with it (all bench mail is one account), so later scenarios carry more history.
+   */
+  posternAcceptedBefore?: number;
 }
 
 export interface EndToEndFigures {

@@ -152,7 +152,9 @@ async function main(): Promise<void> {
     );
     children.push(postern);
     results.posternRssAtStartBytes = readMemory(postern.pid)?.rss ?? 0;
-    machine.spoolCreateMedianMs = measureFileCreate(path.join(dir, 'data', 'spool'));
+    // Postern keeps bodies in <data_dir>/spool; should that layout change, probe the data dir.
+    const spoolDir = path.join(dir, 'data', 'spool');
+    machine.spoolCreateMedianMs = measureFileCreate(fs.existsSync(spoolDir) ? spoolDir : path.join(dir, 'data'));
     say(`file create in the spool directory: ${machine.spoolCreateMedianMs.toFixed(3)} ms`);
     say(`postern pid ${postern.pid}: submission ${postern.ports.submission}, relay ${postern.ports.relay}; sink ${sink.port}`);
 
@@ -294,6 +296,7 @@ class Bench {
   }
 
   async scenario(server: string, pid: number, port: number, kind: PortKind, mode: 'new' | 'reuse', concurrency: number): Promise<ScenarioFigures> {
+    const acceptedBefore = this.#posternAccepted;
     const meter = new CpuMeter({ server: pid, sink: this.#sink.pid });
     const cpu: Record<string, number> = {};
     const result = await runLoad(this.#scenario(port, kind, mode, concurrency), settings.loadProcs, {
@@ -316,6 +319,7 @@ class Bench {
       transactionP99Ms: percentile(result.transactionMs, 99),
       sessionP50Ms: mode === 'new' ? percentile(result.sessionMs, 50) : null,
       sessionP99Ms: mode === 'new' ? percentile(result.sessionMs, 99) : null,
+      posternAcceptedBefore: server.startsWith('postern') ? acceptedBefore : undefined,
       cpu: {
         server: cpu.server ?? 0,
         serverSystem: cpu['server:sys'] ?? 0,
