@@ -381,6 +381,7 @@ export class Intake {
       { event: 'queued', queueId, from: sender, rcpts: recipients.length, size, messageId: fixups.messageId },
       'message queued',
     );
+    if (state) this.#options.policy.queued(state, recipients.length);
     this.#options.onQueued?.(queueId);
     return `2.0.0 Ok: queued as ${queueId}`;
   }

@@ -4,7 +4,6 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { X509Certificate, createPrivateKey } from 'node:crypto';
-import { generate } from 'selfsigned';
 
 export interface TlsMaterial {
   cert: string;
@@ -20,6 +19,8 @@ export async function loadOrCreateTlsMaterial(certFile: string, keyFile: string,
   let generated = false;
   if (!haveCert && !haveKey) {
     const now = new Date();
+    // Loaded only here: selfsigned and its ASN.1 stack weigh ~10 MB of memory for a one-off job.
+    const { generate } = await import('selfsigned');
     const pems = await generate([{ name: 'commonName', value: hostname }], {
       keyType: 'ec',
       curve: 'P-256',

@@ -12,7 +12,7 @@ export interface LockoutSettings {
   windowMs: number;
 }
 
-export type LockoutState = { locked: false } | { locked: true; by: 'ip' | 'account'; retryMs: number };
+export type LockoutState = { locked: false; accountFailures: number } | { locked: true; by: 'ip' | 'account'; retryMs: number };
 
 export class AuthLockout {
   readonly #byIp: RateLimiterAbstract;
@@ -32,7 +32,7 @@ export class AuthLockout {
     if (accountRes && accountRes.consumedPoints >= this.#settings.accountFailures) {
       return { locked: true, by: 'account', retryMs: accountRes.msBeforeNext };
     }
-    return { locked: false };
+    return { locked: false, accountFailures: accountRes?.consumedPoints ?? 0 };
   }
 
   /** Counts a failure; returns the lockout it started, if this failure crossed a threshold. */

@@ -11,14 +11,12 @@ import type { Config } from '../config/load-config.js';
 import { type SmtpReplyError, smtpError } from '../errors/smtp-errors.js';
 import type { HeaderDecision, HeaderView } from '../intake/header-fixups.js';
 import { NetworkList, plainIp } from '../intake/network-list.js';
-import type { Account, Store, Usage } from '../store/store.js';
+import type { Account, Store } from '../store/store.js';
 import { AuthLockout } from './auth-lockout.js';
 import { RateLimits, type Sender, type SendingLimits, formatWait } from './rate-limits.js';
 import type { SecurityEvents } from './security-events.js';
 import { mayMailDomain, maySendAs } from './send-as.js';
 import { VolumeWatch } from './volume-watch.js';
-
-const DAY = 86_400_000;
 
 /** What the policy needs to know about a session; the intake keeps one per connection. */
 export interface PolicySession {
@@ -27,8 +25,8 @@ export interface PolicySession {
   secure: boolean;
   account?: Account;
   connector?: ConnectorConfig;
-  /** Recipients queued in the last 24 h by this sender, read once per transaction at MAIL FROM. */
-  dayUsage?: Usage;
+  /** Failures counted against the username at the last AUTH (a success then clears them). */
+  authFailures?: number;
 }
 
 export class SessionPolicy {
@@ -63,7 +61,10 @@ export class SessionPolicy {
   async beforeAuth(s: PolicySession, username: string): Promise<SmtpReplyError | null> {
     if (!this.#enforce) return null;
     const state = await this.#lockout.state(s.ip, username);
-    if (!state.locked) return null;
+    if (!state.locked) {
+      s.authFailures = state.accountFailures;
+      return null;
+    }
     return smtpError('AUTH_LOCKED', { retry: formatWait(state.retryMs) });
   }
 
@@ -114,7 +115,8 @@ export class SessionPolicy {
       });
       return smtpError('ACCOUNT_CONNECTIONS', { account: account.address, max });
     }
-    if (this.#enforce) await this.#lockout.succeed(account.address);
+    // Only a username with failures on record needs clearing: no write on an ordinary login.
+    if (this.#enforce && (s.authFailures ?? 0) > 0) await this.#lockout.succeed(account.address);
     this.#accountSessions.set(account.address, open + 1);
     s.account = account;
     void this.#noteNetwork(s, account.address);
@@ -153,7 +155,6 @@ export class SessionPolicy {
       await this.#deny(s, 'rate_limited', refused.message.replace(/^\S+ /, ''));
       return refused;
     }
-    s.dayUsage = await this.#store.usageSince(who, Date.now() - DAY);
     if (s.account) void this.#watchVolume(s, s.account.address);
     return null;
   }
@@ -172,19 +173,17 @@ export class SessionPolicy {
         allowed: (s.account.policy.recipientDomains ?? []).join(', '),
       });
     }
-    const limit = this.#limits(s).recipientsPerDay;
-    const used = s.dayUsage?.recipients ?? 0;
-    if (used + accepted >= limit) {
-      const oldest = s.dayUsage?.oldestAt ?? Date.now();
-      const refused = smtpError('RATE_LIMIT_RECIPIENTS', {
-        limit,
-        who: this.#label(s),
-        retry: formatWait(oldest + DAY - Date.now()),
-      });
+    const refused = await this.#rates.checkRecipient(this.#sender(s), this.#limits(s), accepted);
+    if (refused) {
       await this.#deny(s, 'rate_limited', refused.message.replace(/^\S+ /, ''));
       return refused;
     }
     return null;
+  }
+
+  /** The message was queued: it counts against the sender's limits from now on. */
+  queued(s: PolicySession, recipients: number): void {
+    void this.#rates.queued(this.#sender(s), recipients).catch(() => undefined);
   }
 
   /** The header check at DATA: From and Sender must be addresses the account may use. */
@@ -213,10 +212,6 @@ export class SessionPolicy {
 
   #sender(s: PolicySession): Sender {
     return s.account ? { account: s.account.address } : { clientIp: s.ip };
-  }
-
-  #label(s: PolicySession): string {
-    return s.account ? s.account.address : s.ip;
   }
 
   #limits(s: PolicySession): SendingLimits {
