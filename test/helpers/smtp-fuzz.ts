@@ -270,8 +270,8 @@ function authPlain(user: string, password: string): string {
   return `AUTH PLAIN ${Buffer.from(`\0${user}\0${password}`).toString('base64')}`;
 }
 
-function messageBody(prng: Prng, n: number): string {
-  const lines = [`Subject: fuzz ${n}`, `From: <sender${n}@example.com>`, 'To: <rcpt@example.net>', ''];
+function messageBody(prng: Prng, n: number, from: string): string {
+  const lines = [`Subject: fuzz ${n}`, `From: <${from}>`, 'To: <rcpt@example.net>', ''];
   const count = 1 + prng.int(6);
   for (let i = 0; i < count; i++) lines.push(`line ${i} ${'x'.repeat(prng.int(80))}`);
   if (prng.chance(0.2)) lines.push('.leading dot, stuffed below');
@@ -285,13 +285,15 @@ export function validSession(prng: Prng, port: FuzzPort, n: number, account: { u
     steps.push({ kind: 'starttls' }, line(`EHLO fuzz${n}.example`));
   }
   if (port !== 'relay') steps.push(line(authPlain(account.user, account.password)));
+  // An account may only send as itself (send-as policy); a connector client may use any sender.
+  const from = port === 'relay' ? `sender${n}@example.com` : account.user;
   const transactions = 1 + (prng.chance(0.25) ? 1 : 0);
   for (let tx = 0; tx < transactions; tx++) {
-    steps.push(line(`MAIL FROM:<sender${n}@example.com>`));
+    steps.push(line(`MAIL FROM:<${from}>`));
     const rcpts = 1 + prng.int(3);
     for (let r = 0; r < rcpts; r++) steps.push(line(`RCPT TO:<rcpt${r}.${n}@example.net>`));
     steps.push(line('DATA'));
-    steps.push({ kind: 'bytes', data: bytes(messageBody(prng, n)) });
+    steps.push({ kind: 'bytes', data: bytes(messageBody(prng, n, from)) });
     steps.push(line('.'));
   }
   steps.push(line('QUIT'));
@@ -479,7 +481,8 @@ export function makeSessions(
 
 /** A distinct loopback source address per session, so a queued message names its session. */
 export function sessionAddress(index: number): string {
-  return `127.1.${(index >> 8) & 255}.${(index & 255) + 1}`;
+  if (index < 0 || index >= 250 * 250) throw new Error(`no loopback address for session ${index}`);
+  return `127.1.${Math.floor(index / 250)}.${(index % 250) + 1}`;
 }
 
 const QUEUED = /^250 2\.0\.0 Ok: queued as (\S+)/;
