@@ -1,24 +1,62 @@
 // The storage contract, run against every backend (only SQLite today; PostgreSQL joins this list).
+import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { describe, expect, it } from 'vitest';
+import BetterSqlite3 from 'better-sqlite3';
+import { describe, expect, it, vi } from 'vitest';
 import { openStore } from '../src/store/open-store.js';
 import { newQueueId } from '../src/store/queue-id.js';
 import type { NewMessage, Store } from '../src/store/store.js';
 import { tempDir } from './helpers/temp-dir.js';
 
+type BodyLocation = 'inline' | 'file' | 'none';
+
 interface Backend {
   name: string;
   open(dir: string): Promise<Store>;
+  /** Where the backend keeps a body, looked at from outside: in its database, in a file, or gone. */
+  bodyLocation(dir: string, queueId: string): BodyLocation;
+  /** Queue ids that have a body file. */
+  bodyFiles(dir: string): string[];
 }
 
-const BACKENDS: Backend[] = [{ name: 'sqlite', open: (dir) => openStore(dir) }];
+const BACKENDS: Backend[] = [
+  {
+    name: 'sqlite',
+    open: (dir) => openStore(dir),
+    bodyLocation(dir, queueId) {
+      // A second connection, as the CLI would open one; WAL lets it read beside the store's.
+      const db = new BetterSqlite3(path.join(dir, 'postern.db'));
+      try {
+        const inline = db.prepare('SELECT 1 FROM bodies WHERE queue_id = ?').get(queueId) !== undefined;
+        const file = fs.existsSync(path.join(dir, 'spool', `${queueId}.eml`));
+        if (inline && file) throw new Error(`the body of ${queueId} is both inline and a file`);
+        return inline ? 'inline' : file ? 'file' : 'none';
+      } finally {
+        db.close();
+      }
+    },
+    bodyFiles: (dir) => fs.readdirSync(path.join(dir, 'spool')).filter((n) => n.endsWith('.eml')).map((n) => n.slice(0, -4)),
+  },
+];
 
-async function put(store: Store, body: string, overrides: Partial<NewMessage> = {}): Promise<string> {
-  const queueId = overrides.queueId ?? newQueueId();
+/** Bodies up to this size are kept inline (the SQLite store's INLINE_BODY_MAX). */
+const INLINE_MAX = 64 * 1024;
+
+/** Writes a body the way the intake does: in pieces, through the stream, then finish(). */
+async function writeBody(store: Store, queueId: string, body: string | Buffer, chunkSize = 16 * 1024): Promise<number> {
   const writer = store.createBody(queueId);
-  writer.stream.end(body);
-  const size = await writer.finish();
+  const bytes = Buffer.from(body);
+  for (let at = 0; at < bytes.length; at += chunkSize) {
+    if (!writer.stream.write(bytes.subarray(at, at + chunkSize))) await new Promise((r) => writer.stream.once('drain', r));
+  }
+  writer.stream.end();
+  return writer.finish();
+}
+
+async function put(store: Store, body: string | Buffer, overrides: Partial<NewMessage> = {}): Promise<string> {
+  const queueId = overrides.queueId ?? newQueueId();
+  const size = await writeBody(store, queueId, body);
   await store.enqueue({
     queueId,
     sender: 'dev@example.com',
@@ -33,11 +71,17 @@ async function put(store: Store, body: string, overrides: Partial<NewMessage> = 
   return queueId;
 }
 
-async function readAll(store: Store, queueId: string): Promise<string> {
+async function readBytes(store: Store, queueId: string): Promise<Buffer> {
   const chunks: Buffer[] = [];
   for await (const c of store.readBody(queueId)) chunks.push(c as Buffer);
-  return Buffer.concat(chunks).toString();
+  return Buffer.concat(chunks);
 }
+
+async function readAll(store: Store, queueId: string): Promise<string> {
+  return (await readBytes(store, queueId)).toString();
+}
+
+const delivered = (index: number) => ({ index, state: 'delivered' as const, code: 250, response: '250 2.0.0 ok' });
 
 for (const backend of BACKENDS) {
   describe(`store: ${backend.name}`, () => {
@@ -97,9 +141,10 @@ for (const backend of BACKENDS) {
       expect(await store.claimDue(now, 10)).toEqual([]);
       const later = await store.claimDue(now + 60_000, 10);
       expect(later[0]?.recipients.map((r) => r.index)).toEqual([1]);
-      expect(fs.existsSync(path.join(dir, 'spool', `${queueId}.eml`))).toBe(true);
+      expect(backend.bodyLocation(dir, queueId)).toBe('inline');
       await store.recordOutcomes(queueId, [{ index: 1, state: 'failed', code: 550, response: '550 5.1.1 no such user' }], now);
-      expect(fs.existsSync(path.join(dir, 'spool', `${queueId}.eml`))).toBe(false);
+      expect(backend.bodyLocation(dir, queueId)).toBe('none');
+      await expect(readAll(store, queueId)).rejects.toThrow();
       expect(await store.listQueue()).toEqual([]);
       const m = await store.getMessage(queueId);
       expect(m?.recipients.map((r) => [r.state, r.attempts, r.lastCode])).toEqual([
@@ -113,16 +158,237 @@ for (const backend of BACKENDS) {
       const dir = tempDir();
       let store = await backend.open(dir);
       const queueId = await put(store, 'x\r\n');
+      const big = await put(store, Buffer.alloc(200 * 1024, 'b'));
       await store.claimDue(Date.now(), 10);
-      // A body written but never enqueued: the client never got its 250.
-      const orphan = store.createBody(newQueueId());
-      orphan.stream.end('orphan');
-      await orphan.finish();
+      // Bodies written but never enqueued: the client never got its 250. The big one is a file.
+      const orphan = newQueueId();
+      await writeBody(store, orphan, Buffer.alloc(200 * 1024, 'o'));
+      await writeBody(store, newQueueId(), 'small orphan');
+      expect(backend.bodyFiles(dir).sort()).toEqual([big, orphan].sort());
       await store.close();
       store = await backend.open(dir);
-      expect(await store.releaseInFlight(Date.now())).toBe(2);
-      expect(fs.readdirSync(path.join(dir, 'spool'))).toEqual([`${queueId}.eml`]);
-      expect((await store.claimDue(Date.now(), 10))[0]?.recipients).toHaveLength(2);
+      expect(await store.releaseInFlight(Date.now())).toBe(4);
+      expect(backend.bodyFiles(dir)).toEqual([big]);
+      expect(backend.bodyLocation(dir, queueId)).toBe('inline');
+      const claimed = await store.claimDue(Date.now(), 10);
+      expect(claimed.map((m) => [m.queueId, m.recipients.length])).toEqual([
+        [queueId, 2],
+        [big, 2],
+      ]);
+      expect((await readBytes(store, big)).equals(Buffer.alloc(200 * 1024, 'b'))).toBe(true);
+      await store.close();
+    });
+
+    it('keeps a small body inline and a big one in a file, byte for byte, across a reopen', async () => {
+      const dir = tempDir();
+      let store = await backend.open(dir);
+      const bodies = {
+        small: randomBytes(4 * 1024),
+        atLimit: randomBytes(INLINE_MAX),
+        overLimit: randomBytes(INLINE_MAX + 1),
+        big: randomBytes(200 * 1024),
+        empty: Buffer.alloc(0),
+      };
+      const ids: Record<string, string> = {};
+      for (const [name, body] of Object.entries(bodies)) {
+        // Chunks of 1,000 bytes: the spill happens in the middle of a write sequence.
+        const queueId = newQueueId();
+        expect(await writeBody(store, queueId, body, 1000)).toBe(body.length);
+        await store.enqueue({
+          queueId,
+          sender: 'dev@example.com',
+          recipients: [{ address: 'a@example.net' }],
+          size: body.length,
+          receivedAt: Date.now(),
+          expiresAt: Date.now() + 86_400_000,
+          origin: { sessionId: 's1', listener: 'submission', clientIp: '127.0.0.1' },
+        });
+        ids[name] = queueId;
+      }
+      const expected = { small: 'inline', atLimit: 'inline', overLimit: 'file', big: 'file', empty: 'inline' };
+      const where = () => Object.fromEntries(Object.entries(ids).map(([name, id]) => [name, backend.bodyLocation(dir, id)]));
+      expect(where()).toEqual(expected);
+      await store.close();
+      store = await backend.open(dir);
+      expect(where()).toEqual(expected);
+      for (const [name, body] of Object.entries(bodies)) {
+        expect((await readBytes(store, ids[name]!)).equals(body), name).toBe(true);
+        expect((await store.getMessage(ids[name]!))?.size).toBe(body.length);
+      }
+      await store.close();
+    });
+
+    it('removes the body, inline or file, when the last recipient is final, and on delete', async () => {
+      const dir = tempDir();
+      const store = await backend.open(dir);
+      const small = await put(store, 'Subject: small\r\n\r\nhi\r\n');
+      const big = await put(store, Buffer.alloc(200 * 1024, 'x'));
+      const deleted = await put(store, 'Subject: deleted\r\n\r\nhi\r\n');
+      const deletedBig = await put(store, Buffer.alloc(100 * 1024, 'y'));
+      const now = Date.now();
+      await store.claimDue(now, 10);
+      // One recipient final, one not: the body stays.
+      await store.recordOutcomes(small, [delivered(0), { index: 1, state: 'deferred', code: 451, response: '451 later', nextAttemptAt: now }], now);
+      await store.recordOutcomes(big, [delivered(0), { index: 1, state: 'deferred', code: 451, response: '451 later', nextAttemptAt: now }], now);
+      expect([backend.bodyLocation(dir, small), backend.bodyLocation(dir, big)]).toEqual(['inline', 'file']);
+      await store.claimDue(now, 10);
+      await store.recordOutcomes(small, [delivered(1)], now);
+      await store.recordOutcomes(big, [{ index: 1, state: 'failed', code: 550, response: '550 no' }], now);
+      expect([backend.bodyLocation(dir, small), backend.bodyLocation(dir, big)]).toEqual(['none', 'none']);
+      await expect(readAll(store, small)).rejects.toThrow();
+      // The rows stay (`queue show` of a finished message), only the body goes.
+      expect((await store.getMessage(small))?.recipients.map((r) => r.state)).toEqual(['delivered', 'delivered']);
+      expect(await store.deleteMessage(deleted)).toBe(true);
+      expect(await store.deleteMessage(deletedBig)).toBe(true);
+      expect([backend.bodyLocation(dir, deleted), backend.bodyLocation(dir, deletedBig)]).toEqual(['none', 'none']);
+      await store.close();
+    });
+
+    it('throws away aborted bodies, small or spilled, and never queues them', async () => {
+      const dir = tempDir();
+      const store = await backend.open(dir);
+      const small = store.createBody(newQueueId());
+      small.stream.write('half a message');
+      await small.abort();
+      const big = store.createBody(newQueueId());
+      big.stream.write(Buffer.alloc(INLINE_MAX + 10, 'z'));
+      // Aborted right after the spill, while the file may still be opening.
+      await big.abort();
+      // finish() succeeded but the enqueue failed (say): the caller aborts.
+      const finished = newQueueId();
+      const writer = store.createBody(finished);
+      writer.stream.end(Buffer.alloc(INLINE_MAX * 2, 'f'));
+      await writer.finish();
+      expect(backend.bodyFiles(dir)).toEqual([finished]);
+      await writer.abort();
+      expect(backend.bodyFiles(dir)).toEqual([]);
+      expect(await store.listQueue()).toEqual([]);
+      await store.close();
+    });
+
+    it('opens a spilled body file asynchronously and closes it exactly once (finish, abort, both)', async () => {
+      // A second close(fd) closes whatever was opened since under the same number: another
+      // session's socket or another body's file. Opens and closes are recorded in order.
+      const events: { op: 'open' | 'close'; fd: number; spool: boolean }[] = [];
+      const realOpen = fs.open;
+      const realClose = fs.close;
+      const openSync = vi.spyOn(fs, 'openSync');
+      const open = vi.spyOn(fs, 'open').mockImplementation(((file: fs.PathLike, flags: fs.OpenMode, mode: fs.Mode, cb: (err: NodeJS.ErrnoException | null, fd: number) => void) =>
+        realOpen(file, flags, mode, (err, fd) => {
+          if (!err) events.push({ op: 'open', fd, spool: String(file).endsWith('.eml') });
+          cb(err, fd);
+        })) as unknown as typeof fs.open);
+      const close = vi.spyOn(fs, 'close').mockImplementation(((fd: number, cb?: (err: NodeJS.ErrnoException | null) => void) => {
+        events.push({ op: 'close', fd, spool: false });
+        return realClose(fd, cb);
+      }) as typeof fs.close);
+      const store = await backend.open(tempDir());
+      try {
+        const big = Buffer.alloc(INLINE_MAX * 3, 'x');
+        await writeBody(store, newQueueId(), big); // finished
+        const aborted = store.createBody(newQueueId());
+        aborted.stream.write(big);
+        await new Promise((r) => setTimeout(r, 10));
+        await aborted.abort(); // aborted mid-body
+        const both = store.createBody(newQueueId());
+        both.stream.end(big);
+        await both.finish();
+        await both.abort(); // finished, then the enqueue failed
+        await writeBody(store, newQueueId(), 'small'); // inline: no file at all
+      } finally {
+        open.mockRestore();
+        close.mockRestore();
+        openSync.mockRestore();
+        await store.close();
+      }
+      expect(openSync.mock.calls.filter(([file]) => String(file).endsWith('.eml'))).toEqual([]);
+      const spoolOpens = events.map((e, i) => [e, i] as const).filter(([e]) => e.op === 'open' && e.spool);
+      expect(spoolOpens).toHaveLength(3);
+      for (const [opened, i] of spoolOpens) {
+        const next = events.findIndex((e, j) => j > i && e.op === 'open' && e.fd === opened.fd);
+        const closes = events.slice(i + 1, next === -1 ? undefined : next).filter((e) => e.op === 'close' && e.fd === opened.fd);
+        expect(closes, `close() calls for the spool file opened as fd ${opened.fd}`).toHaveLength(1);
+      }
+    });
+
+    it('never hands a recipient still in flight to a second claim', async () => {
+      const store = await backend.open(tempDir());
+      const queueId = await put(store, 'x\r\n');
+      const now = Date.now();
+      const [first] = await store.claimDue(now, 10);
+      // Recipient 1 is retried soon; recipient 0's delivery is still running (in flight).
+      await store.recordOutcomes(queueId, [{ index: 1, state: 'deferred', code: 451, response: '451 later', nextAttemptAt: now + 1000 }], now);
+      expect(first?.recipients.map((r) => r.index)).toEqual([0, 1]);
+      const [second] = await store.claimDue(now + 1000, 10);
+      expect(second?.recipients.map((r) => [r.index, r.state])).toEqual([[1, 'in_flight']]);
+      expect(await store.claimDue(now + 1000, 10)).toEqual([]);
+      await store.close();
+    });
+
+    it('claims the oldest due messages first, up to the limit, each once', async () => {
+      const store = await backend.open(tempDir());
+      const base = Date.now();
+      const ids: string[] = [];
+      for (let i = 0; i < 30; i++) ids.push(await put(store, `m${i}\r\n`, { receivedAt: base - 30_000 + i * 1000 }));
+      const claims = await Promise.all([store.claimDue(base, 10), store.claimDue(base, 10), store.claimDue(base, 10), store.claimDue(base, 10)]);
+      expect(claims.map((c) => c.length)).toEqual([10, 10, 10, 0]);
+      expect(claims.flat().map((m) => m.queueId)).toEqual(ids);
+      expect((await store.countRecipients()).in_flight).toBe(60);
+      await store.close();
+    });
+
+    it('lands every one of many concurrent recordOutcomes calls (grouped into few commits)', async () => {
+      const dir = tempDir();
+      let store = await backend.open(dir);
+      const ids = await Promise.all(Array.from({ length: 120 }, (_, i) => put(store, i % 20 === 0 ? Buffer.alloc(100 * 1024, 'q') : `m${i}\r\n`)));
+      const now = Date.now();
+      const claimed = await store.claimDue(now, 200);
+      expect(claimed).toHaveLength(120);
+      // All in the same turn of the event loop: three kinds of result, by position.
+      await Promise.all(
+        ids.map((id, i) =>
+          store.recordOutcomes(
+            id,
+            i % 3 === 0
+              ? [delivered(0), delivered(1)]
+              : i % 3 === 1
+                ? [delivered(0), { index: 1, state: 'failed', code: 550, response: '550 no such user' }]
+                : [delivered(0), { index: 1, state: 'deferred', code: 451, response: '451 later', nextAttemptAt: now + 60_000 }],
+            now,
+          ),
+        ),
+      );
+      const check = async () => {
+        expect(await store.countRecipients()).toEqual({ queued: 0, in_flight: 0, deferred: 40, delivered: 120 + 40, failed: 40 });
+        expect((await store.listQueue()).map((q) => q.queueId).sort()).toEqual(ids.filter((_, i) => i % 3 === 2).sort());
+        ids.forEach((id, i) => expect(backend.bodyLocation(dir, id), `${i}`).toBe(i % 3 === 2 ? (i % 20 === 0 ? 'file' : 'inline') : 'none'));
+        expect(await store.nextDueAt()).toBe(now + 60_000);
+      };
+      await check();
+      // Committed, not merely applied in memory: all of it is there after a reopen.
+      await store.close();
+      store = await backend.open(dir);
+      await check();
+      await store.close();
+    });
+
+    it('refuses a bad message of a group commit alone; the rest of the batch is queued', async () => {
+      const store = await backend.open(tempDir());
+      const taken = await put(store, 'first\r\n');
+      const results = await Promise.allSettled([
+        put(store, 'a\r\n'),
+        put(store, 'again\r\n', { queueId: taken }),
+        put(store, 'b\r\n'),
+      ]);
+      expect(results.map((r) => r.status)).toEqual(['fulfilled', 'rejected', 'fulfilled']);
+      expect((await store.listQueue()).length).toBe(3);
+      expect(await readAll(store, taken)).toBe('first\r\n');
+      await store.close();
+    });
+
+    it('answers getAccount for a missing account with undefined', async () => {
+      const store = await backend.open(tempDir());
+      expect(await store.getAccount('nobody@example.com')).toBeUndefined();
       await store.close();
     });
 

@@ -1,12 +1,12 @@
-// Message bodies as files in one spool directory. A body is streamed to disk as it arrives (never
-// held whole in memory), fsync'd when complete, and its directory entry fsync'd before the queue
-// row that points at it is committed (see `syncDirectory`, called once per group commit).
+// Message bodies as files in one spool directory: the bodies too big to keep inline in the
+// database (see spilling-body-writer.ts). A body file is opened asynchronously (no `openSync` on
+// the event loop), fsync'd when complete, and its directory entry fsync'd before the queue row
+// that points at it is committed (see `syncDirectory`, called once per group commit that has
+// file bodies in it).
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import type { Readable } from 'node:stream';
-import { finished } from 'node:stream/promises';
-import type { BodyWriter } from './store.js';
 
 export class FileSpool {
   readonly dir: string;
@@ -21,33 +21,16 @@ export class FileSpool {
     return path.join(this.dir, `${queueId}.eml`);
   }
 
-  createWriter(queueId: string): BodyWriter {
-    const file = this.pathFor(queueId);
-    // flags 'wx': a queue id is never reused, so an existing file is a bug worth failing on.
-    const fd = fs.openSync(file, 'wx', 0o600);
-    const stream = fs.createWriteStream(file, { fd, autoClose: false });
-    let closed = false;
-    const close = async () => {
-      if (closed) return;
-      closed = true;
-      await new Promise<void>((resolve) => fs.close(fd, () => resolve()));
-    };
-    return {
-      queueId,
-      stream,
-      async finish() {
-        await finished(stream);
-        await new Promise<void>((resolve, reject) => fs.fsync(fd, (err) => (err ? reject(err) : resolve())));
-        const { size } = await fsp.stat(file);
-        await close();
-        return size;
-      },
-      async abort() {
-        stream.destroy();
-        await close();
-        await fsp.rm(file, { force: true });
-      },
-    };
+  /**
+   * A stream to a new body file. The open happens in the thread pool; writes made before it
+   * completes are buffered by the stream. `autoClose: false` keeps the descriptor open after
+   * 'finish' so the caller can fsync it; the caller then closes it with `closeWriteStream`, which
+   * goes through the stream so the descriptor is closed exactly once (a second close(fd) would
+   * close whatever was opened since under the same number).
+   * flags 'wx': a queue id is never reused, so an existing file is a bug worth failing on.
+   */
+  openWriteStream(queueId: string): fs.WriteStream {
+    return fs.createWriteStream(this.pathFor(queueId), { flags: 'wx', mode: 0o600, autoClose: false });
   }
 
   read(queueId: string): Readable {
@@ -73,4 +56,16 @@ export class FileSpool {
     const names = await fsp.readdir(this.dir);
     return names.filter((n) => n.endsWith('.eml')).map((n) => n.slice(0, -4));
   }
+}
+
+/**
+ * Closes a stream from `openWriteStream`, once whatever the state: destroy() waits for a pending
+ * open, closes the descriptor if there is one and forgets it, and 'close' is emitted once.
+ */
+export function closeWriteStream(stream: fs.WriteStream): Promise<void> {
+  if (stream.closed) return Promise.resolve();
+  return new Promise((resolve) => {
+    stream.once('close', () => resolve());
+    stream.destroy();
+  });
 }

@@ -179,7 +179,11 @@ export interface BodyWriter {
   readonly queueId: string;
   /** Write the message bytes here; the caller pipes into it and ends it. */
   readonly stream: Writable;
-  /** Waits for the stream to finish, then fsyncs the body. Resolves with its size in bytes. */
+  /**
+   * Waits for the stream to finish; resolves with the body's size in bytes. A body the backend
+   * keeps in a file is fsync'd here; a small one kept inline in the database is made durable by
+   * `enqueue`, in the same commit as the rows. Either way, durable once `enqueue` resolves.
+   */
   finish(): Promise<number>;
   /** Throws away a partial body (rejected message, client gone). */
   abort(): Promise<void>;
@@ -215,10 +219,16 @@ export interface QueueStore {
   enqueue(message: NewMessage): Promise<void>;
   /**
    * Claims up to `limit` messages with recipients due at `now`, marking those recipients
-   * in_flight so no other worker (or node) takes them.
+   * in_flight so no other worker (or node) takes them. Each message carries only the recipients
+   * this call claimed (never one already in flight), oldest due first.
    */
   claimDue(now: number, limit: number): Promise<QueuedMessage[]>;
-  /** Records the result of an attempt; removes the body once every recipient is final. */
+  /**
+   * Records the result of an attempt; removes the body once every recipient is final. Calls may be
+   * grouped and committed without waiting for an fsync: an outcome lost in a power cut leaves its
+   * recipients as they were before the attempt (in_flight, which releaseInFlight undoes), so they
+   * are delivered again (at-least-once). The mail itself is never at risk.
+   */
   recordOutcomes(queueId: string, outcomes: RecipientOutcome[], now: number): Promise<void>;
   /** After a crash: in_flight recipients go back to queued. Returns how many. */
   releaseInFlight(now: number): Promise<number>;

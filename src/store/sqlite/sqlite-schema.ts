@@ -46,6 +46,12 @@ export interface RecipientsTable {
   updated_at: number;
 }
 
+/** Bodies small enough to keep inline (see spilling-body-writer.ts); bigger ones are spool files. */
+export interface BodiesTable {
+  queue_id: string;
+  data: Buffer;
+}
+
 export interface SecurityEventsTable {
   id: Generated<number>;
   at: number;
@@ -75,6 +81,7 @@ export interface Database {
   accounts: AccountsTable;
   messages: MessagesTable;
   recipients: RecipientsTable;
+  bodies: BodiesTable;
   security_events: SecurityEventsTable;
   audit_log: AuditLogTable;
   account_networks: AccountNetworksTable;
@@ -165,6 +172,18 @@ const migrations: Record<string, Migration> = {
         .addColumn('network', 'text', (c) => c.notNull())
         .addColumn('first_seen', 'bigint', (c) => c.notNull())
         .addPrimaryKeyConstraint('account_networks_pk', ['account', 'network'])
+        .execute();
+    },
+  },
+  '0003_inline_bodies': {
+    async up(db: Kysely<any>) {
+      // Small bodies live here, written in the same transaction as their message's rows, so a
+      // message costs no file create, fsync or unlink. A message without a row here has its body
+      // in the spool directory. Deleting the message deletes the body with it.
+      await db.schema
+        .createTable('bodies')
+        .addColumn('queue_id', 'text', (c) => c.primaryKey().references('messages.queue_id').onDelete('cascade'))
+        .addColumn('data', 'blob', (c) => c.notNull())
         .execute();
     },
   },

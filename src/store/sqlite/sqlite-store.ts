@@ -1,14 +1,30 @@
-// The embedded default store: SQLite (WAL, synchronous=FULL) for rows, a file spool for bodies.
+// The embedded default store: SQLite (WAL) for rows and small bodies, a file spool for big bodies.
 //
-// Group commit: `enqueue` calls that arrive in the same turn of the event loop share one
-// transaction and one fsync of the spool directory, so a burst of 50 sessions pays for a handful
-// of fsyncs instead of 50. Each caller's promise resolves only after that commit.
+// Durability: `enqueue` resolves only after the message's rows and its body are on disk. Rows and
+// inline bodies commit in one transaction with synchronous=FULL (the WAL is fsync'd at COMMIT); a
+// spilled body's file was fsync'd by BodyWriter.finish() and the spool directory is fsync'd before
+// the rows that point at it commit. Nothing the 250 depends on is in memory only.
+//
+// Group commit (group-commit.ts): `enqueue` calls arriving in the same turn of the event loop share
+// one transaction, one fsync of the WAL and (only if some have file bodies) one fsync of the spool
+// directory. `recordOutcomes` calls are grouped the same way, in transactions of their own.
+//
+// Delivery bookkeeping (claimDue, recordOutcomes) commits with synchronous=NORMAL, no fsync: if a
+// power cut loses it, recipients are delivered again, never lost (see #commitOutcomes). WAL
+// commits are ordered, so the next FULL commit makes those earlier ones durable as well.
+//
+// Hot paths (enqueue, claimDue, recordOutcomes, nextDueAt, getAccount, readBody) use statements
+// prepared once on the raw better-sqlite3 handle (sqlite-statements.ts); the rest goes through
+// Kysely. All multi-statement transactions use the raw handle: Kysely here only runs single
+// statements (each its own implicit transaction), so the two never nest on the shared connection.
 import path from 'node:path';
-import type { Readable } from 'node:stream';
+import { Readable } from 'node:stream';
 import BetterSqlite3 from 'better-sqlite3';
 import { type RateLimiterAbstract, RateLimiterSQLite } from 'rate-limiter-flexible';
-import { Kysely, Migrator, SqliteDialect, type Transaction } from 'kysely';
+import { Kysely, Migrator, SqliteDialect } from 'kysely';
 import { FileSpool } from '../file-spool.js';
+import { GroupCommit, type ItemResult } from '../group-commit.js';
+import { type FinishedBody, SpillingBodyWriter } from '../spilling-body-writer.js';
 import {
   type Account,
   type AccountPatch,
@@ -28,29 +44,47 @@ import {
   type RecipientState,
   type Store,
 } from '../store.js';
-import { type AccountsTable, type Database, type RecipientsTable, migrationProvider } from './sqlite-schema.js';
+import { type AccountsTable, type Database, type MessagesTable, type RecipientsTable, migrationProvider } from './sqlite-schema.js';
+import { type SqliteStatements, prepareStatements } from './sqlite-statements.js';
 
 const PENDING: RecipientState[] = ['queued', 'deferred'];
 const NOT_FINAL: RecipientState[] = ['queued', 'deferred', 'in_flight'];
 
-interface PendingEnqueue {
-  message: NewMessage;
-  resolve: () => void;
-  reject: (err: Error) => void;
-}
+/** Bodies up to this size are kept inline in the database; bigger ones spill to the spool. */
+export const INLINE_BODY_MAX = 64 * 1024;
 
 export interface SqliteStoreOptions {
   /** Directory holding postern.db and spool/. */
   dataDir: string;
+  /** Largest body kept inline in the database, in bytes (default INLINE_BODY_MAX). */
+  inlineBodyMax?: number;
 }
+
+interface OutcomeCall {
+  queueId: string;
+  outcomes: RecipientOutcome[];
+  now: number;
+}
+
+interface ClaimedRows {
+  message: MessagesTable;
+  recipients: RecipientsTable[];
+}
+
+/** What recordOutcomes found for one message: still open, or final with its body inline or a file. */
+type OutcomeEffect = 'open' | 'final_inline' | 'final_file';
 
 export async function openSqliteStore(options: SqliteStoreOptions): Promise<SqliteStore> {
   const spool = new FileSpool(path.join(options.dataDir, 'spool'));
   const sqlite = new BetterSqlite3(path.join(options.dataDir, 'postern.db'));
   sqlite.pragma('journal_mode = WAL');
-  // FULL: a commit is on disk when it returns; the 250 reply depends on it.
+  // FULL: a commit is on disk when it returns; the 250 reply depends on it. The store relaxes it
+  // to NORMAL only around transactions that may be lost (see SqliteStore.#relaxed).
   sqlite.pragma('synchronous = FULL');
   sqlite.pragma('foreign_keys = ON');
+  // Statement and savepoint journals (a group commit has a savepoint per message) in memory: they
+  // are small, and as temp files they would bring back the file create/unlink churn.
+  sqlite.pragma('temp_store = MEMORY');
   // The CLI writes to the same file while the server runs.
   sqlite.pragma('busy_timeout = 5000');
   const db = new Kysely<Database>({ dialect: new SqliteDialect({ database: sqlite }) });
@@ -69,22 +103,95 @@ export async function openSqliteStore(options: SqliteStoreOptions): Promise<Sqli
     counters.close();
     throw new Error(`store migration ${failed} failed: ${(error as Error).message ?? error}`);
   }
-  return new SqliteStore(db, spool, counters);
+  return new SqliteStore({ db, sqlite, spool, counters, inlineBodyMax: options.inlineBodyMax ?? INLINE_BODY_MAX });
 }
 
 export class SqliteStore implements Store {
   readonly kind = 'sqlite' as const;
   readonly #db: Kysely<Database>;
+  /** The same connection as #db, without Kysely: for the prepared hot-path statements. */
+  readonly #sqlite: BetterSqlite3.Database;
+  readonly #sql: SqliteStatements;
   readonly #spool: FileSpool;
   readonly #counters: BetterSqlite3.Database;
-  #pending: PendingEnqueue[] = [];
-  #flushScheduled = false;
-  #flushing: Promise<void> = Promise.resolve();
+  readonly #inlineBodyMax: number;
+  /**
+   * Bodies whose writer has finished and whose message is not enqueued yet: the bytes of an
+   * inline body (at most #inlineBodyMax each), or null for a body in the spool. Entries are added
+   * by finish(), not createBody(), so a writer abandoned mid-body holds nothing here.
+   */
+  readonly #finishedBodies = new Map<string, FinishedBody>();
+  readonly #enqueues: GroupCommit<NewMessage>;
+  readonly #outcomes: GroupCommit<OutcomeCall>;
+  readonly #enqueueBatch: (messages: NewMessage[]) => ItemResult<void>[];
+  readonly #outcomeBatch: (calls: OutcomeCall[]) => ItemResult<OutcomeEffect>[];
+  readonly #claim: BetterSqlite3.Transaction<(now: number, limit: number) => ClaimedRows[]>;
 
-  constructor(db: Kysely<Database>, spool: FileSpool, counters: BetterSqlite3.Database) {
-    this.#db = db;
-    this.#spool = spool;
-    this.#counters = counters;
+  constructor(options: {
+    db: Kysely<Database>;
+    sqlite: BetterSqlite3.Database;
+    spool: FileSpool;
+    counters: BetterSqlite3.Database;
+    inlineBodyMax?: number;
+  }) {
+    this.#db = options.db;
+    this.#sqlite = options.sqlite;
+    this.#spool = options.spool;
+    this.#counters = options.counters;
+    this.#inlineBodyMax = options.inlineBodyMax ?? INLINE_BODY_MAX;
+    const sql = prepareStatements(this.#sqlite);
+    this.#sql = sql;
+
+    // One transaction per batch, one savepoint per item (a nested better-sqlite3 transaction):
+    // an item that fails (a duplicate queue id, say) is rolled back and refused alone.
+    const insertOne = this.#sqlite.transaction((message: NewMessage) => {
+      insertMessage(sql, message);
+      const inline = this.#finishedBodies.get(message.queueId)?.inline;
+      if (inline != null) sql.insertBody.run(message.queueId, inline);
+    });
+    this.#enqueueBatch = this.#sqlite.transaction((messages: NewMessage[]) => messages.map((m) => attempt(() => insertOne(m))));
+
+    const recordOne = this.#sqlite.transaction(({ queueId, outcomes, now }: OutcomeCall): OutcomeEffect => {
+      for (const o of outcomes) {
+        sql.recordOutcome.run({
+          queue_id: queueId,
+          idx: o.index,
+          state: o.state,
+          attempt: o.countsAsAttempt === false ? 0 : 1,
+          code: o.code,
+          response: o.response,
+          next_attempt_at: o.nextAttemptAt ?? now,
+          now,
+        });
+      }
+      if (sql.hasOpenRecipients.get(queueId) !== undefined) return 'open';
+      // Every recipient is final: the body goes, in this same transaction when it is inline.
+      sql.deactivateMessage.run(queueId);
+      return sql.deleteBody.run(queueId).changes > 0 ? 'final_inline' : 'final_file';
+    });
+    this.#outcomeBatch = this.#sqlite.transaction((calls: OutcomeCall[]) => calls.map((c) => attempt(() => recordOne(c))));
+
+    this.#claim = this.#sqlite.transaction((now: number, limit: number) => {
+      // The oldest due recipients first, until `limit` distinct messages; the iterator stops
+      // reading the index there (its statement must be done before the UPDATEs run).
+      const ids = new Set<string>();
+      for (const id of sql.dueQueueIds.iterate(now)) {
+        ids.add(id);
+        if (ids.size >= limit) break;
+      }
+      const claimed: ClaimedRows[] = [];
+      for (const id of ids) {
+        // RETURNING: exactly the rows this call moved to in_flight. Recipients of the same message
+        // already in flight (claimed earlier, still being delivered) are not handed out again.
+        const recipients = sql.claimRecipients.all(now, id, now);
+        const message = recipients.length > 0 ? sql.selectMessage.get(id) : undefined;
+        if (message) claimed.push({ message, recipients: recipients.sort((a, b) => a.idx - b.idx) });
+      }
+      return claimed;
+    });
+
+    this.#enqueues = new GroupCommit((messages) => this.#commitEnqueues(messages));
+    this.#outcomes = new GroupCommit((calls) => this.#commitOutcomes(calls));
   }
 
   // ---- accounts -------------------------------------------------------------------------
@@ -104,12 +211,9 @@ export class SqliteStore implements Store {
     return toAccount(row);
   }
 
+  /** Called at every AUTH: a prepared statement. */
   async getAccount(address: string): Promise<Account | undefined> {
-    const row = await this.#db
-      .selectFrom('accounts')
-      .selectAll()
-      .where('address', '=', address.toLowerCase())
-      .executeTakeFirst();
+    const row = this.#sql.selectAccount.get(address.toLowerCase());
     return row && toAccount(row);
   }
 
@@ -136,100 +240,122 @@ export class SqliteStore implements Store {
   // ---- queue ----------------------------------------------------------------------------
 
   createBody(queueId: string): BodyWriter {
-    return this.#spool.createWriter(queueId);
+    this.#spool.pathFor(queueId); // validates the id now, as the file spool always did
+    return new SpillingBodyWriter({
+      queueId,
+      spool: this.#spool,
+      threshold: this.#inlineBodyMax,
+      onFinished: (id, body) => this.#finishedBodies.set(id, body),
+      onAborted: (id) => this.#finishedBodies.delete(id),
+    });
   }
 
+  /** The inline body from its row, else the spool file. Problems surface as stream errors. */
   readBody(queueId: string): Readable {
+    let row: { data: Buffer } | undefined;
+    try {
+      row = this.#sql.selectBody.get(queueId);
+    } catch (err) {
+      return new Readable({
+        read() {
+          this.destroy(err as Error);
+        },
+      });
+    }
+    if (row) return Readable.from([row.data], { objectMode: false });
     return this.#spool.read(queueId);
   }
 
   enqueue(message: NewMessage): Promise<void> {
-    return new Promise((resolve, reject) => {
-      this.#pending.push({ message, resolve, reject });
-      if (!this.#flushScheduled) {
-        this.#flushScheduled = true;
-        setImmediate(() => {
-          this.#flushing = this.#flushing.then(() => this.#flush());
-        });
-      }
-    });
+    return this.#enqueues.submit(message);
   }
 
-  async #flush(): Promise<void> {
-    this.#flushScheduled = false;
-    const batch = this.#pending;
-    this.#pending = [];
-    if (batch.length === 0) return;
-    try {
-      await this.#spool.syncDirectory();
-      await this.#db.transaction().execute(async (trx) => {
-        for (const { message } of batch) await insertMessage(trx, message);
-      });
-      for (const p of batch) p.resolve();
-    } catch (err) {
-      for (const p of batch) p.reject(err as Error);
+  /**
+   * One group commit of enqueues. A message whose body is a file (or unknown to this store: a
+   * caller that wrote it some other way) needs the spool directory fsync'd first, so the file's
+   * directory entry is as durable as the row pointing at it; a batch of inline bodies skips that.
+   */
+  async #commitEnqueues(messages: NewMessage[]): Promise<ItemResult<void>[]> {
+    const inSpool = (m: NewMessage) => this.#finishedBodies.get(m.queueId)?.inline == null;
+    const results: (ItemResult<void> | undefined)[] = messages.map(() => undefined);
+    if (messages.some(inSpool)) {
+      try {
+        await this.#spool.syncDirectory();
+      } catch (err) {
+        // Those bodies are not durable: refuse their messages, commit the inline ones.
+        messages.forEach((m, i) => {
+          if (inSpool(m)) results[i] = { ok: false, error: err as Error };
+        });
+      }
     }
+    const ready = messages.filter((_, i) => results[i] === undefined);
+    // Runs at synchronous=FULL (the connection's setting outside #relaxed): COMMIT fsyncs the WAL.
+    const committed = ready.length > 0 ? this.#enqueueBatch(ready) : [];
+    let next = 0;
+    return messages.map((m, i) => {
+      const result = results[i] ?? committed[next++]!;
+      // Committed: the body is in the database or its file is durable; forget the buffer. A
+      // refused message keeps its entry until the caller's abort().
+      if (result.ok) this.#finishedBodies.delete(m.queueId);
+      return result;
+    });
   }
 
   async claimDue(now: number, limit: number): Promise<QueuedMessage[]> {
-    const claimed = await this.#db.transaction().execute(async (trx) => {
-      const due = await trx
-        .selectFrom('recipients')
-        .select('queue_id')
-        .distinct()
-        .where('state', 'in', PENDING)
-        .where('next_attempt_at', '<=', now)
-        .orderBy('queue_id')
-        .limit(limit)
-        .execute();
-      const ids = due.map((d) => d.queue_id);
-      if (ids.length === 0) return [];
-      await trx
-        .updateTable('recipients')
-        .set({ state: 'in_flight', updated_at: now })
-        .where('queue_id', 'in', ids)
-        .where('state', 'in', PENDING)
-        .where('next_attempt_at', '<=', now)
-        .execute();
-      return ids;
-    });
-    if (claimed.length === 0) return [];
-    const messages = await this.#loadMessages(claimed);
-    // Hand the worker only the recipients it claimed.
-    for (const m of messages) m.recipients = m.recipients.filter((r) => r.state === 'in_flight');
-    return messages;
+    if (limit <= 0) return [];
+    // IMMEDIATE: take the write lock before reading, so another process (the CLI) cannot change
+    // the rows between our SELECT and UPDATE. Within this process better-sqlite3 is synchronous,
+    // so two claimDue calls never interleave. Relaxed: a claim lost in a power cut only means
+    // releaseInFlight would have put the recipients back anyway.
+    const claimed = this.#relaxed(() => this.#claim.immediate(now, limit));
+    return claimed.map(({ message, recipients }) => toQueuedMessage(message, recipients.map(toRecipient)));
   }
 
-  async recordOutcomes(queueId: string, outcomes: RecipientOutcome[], now: number): Promise<void> {
-    const done = await this.#db.transaction().execute(async (trx) => {
-      for (const o of outcomes) {
-        await trx
-          .updateTable('recipients')
-          .set((eb) => ({
-            state: o.state,
-            attempts: o.countsAsAttempt === false ? eb.ref('attempts') : eb('attempts', '+', 1),
-            last_code: o.code,
-            last_response: o.response,
-            next_attempt_at: o.nextAttemptAt ?? now,
-            updated_at: now,
-          }))
-          .where('queue_id', '=', queueId)
-          .where('idx', '=', o.index)
-          .execute();
-      }
-      const open = await trx
-        .selectFrom('recipients')
-        .select((eb) => eb.fn.countAll<number>().as('n'))
-        .where('queue_id', '=', queueId)
-        .where('state', 'in', NOT_FINAL)
-        .executeTakeFirstOrThrow();
-      if (Number(open.n) === 0) {
-        await trx.updateTable('messages').set({ active: 0 }).where('queue_id', '=', queueId).execute();
-        return true;
-      }
-      return false;
+  recordOutcomes(queueId: string, outcomes: RecipientOutcome[], now: number): Promise<void> {
+    return this.#outcomes.submit({ queueId, outcomes, now });
+  }
+
+  /**
+   * One group commit of delivery outcomes, at synchronous=NORMAL: COMMIT does not wait for an
+   * fsync. Why that is safe: in WAL mode a NORMAL commit survives a crash of the process (kill -9)
+   * and can be lost only with the OS or the power, and then it is lost whole. A lost outcome
+   * leaves its recipients as they were before the attempt: in_flight, which releaseInFlight undoes
+   * at the next start (or due, if the claim was lost too), so they are delivered again:
+   * at-least-once, a possible duplicate, never lost mail. A lost "final" also keeps the inline
+   * body, since its DELETE was in the same transaction. The next FULL commit (any enqueue) fsyncs
+   * the WAL, and with it these frames too.
+   * One exception: a message whose body is a file and whose last recipient becomes final gets its
+   * file unlinked after the commit, and an unlink can reach the disk before a NORMAL commit does;
+   * the message would then come back without a body. So a batch with any file-body message runs
+   * at FULL (big messages are rare; the batch still shares one fsync).
+   */
+  async #commitOutcomes(calls: OutcomeCall[]): Promise<ItemResult<void>[]> {
+    const fileBodies = calls.some((c) => this.#sql.hasInlineBody.get(c.queueId) === undefined);
+    const results = fileBodies ? this.#outcomeBatch(calls) : this.#relaxed(() => this.#outcomeBatch(calls));
+    const removals: Promise<void>[] = [];
+    calls.forEach((c, i) => {
+      const result = results[i]!;
+      // A failed unlink is not the caller's failure (the outcome is committed); releaseInFlight
+      // removes the files of finished messages at the next start.
+      if (result.ok && result.value === 'final_file') removals.push(this.#spool.remove(c.queueId).catch(() => undefined));
     });
-    if (done) await this.#spool.remove(queueId);
+    await Promise.all(removals);
+    return results.map((r) => (r.ok ? { ok: true, value: undefined } : r));
+  }
+
+  /**
+   * Runs `fn` (one transaction) with synchronous=NORMAL, then puts FULL back. The pragma may change
+   * between transactions on a connection; FULL is the setting at every other moment, so every
+   * enqueue commit and every cold-path write is fsync'd. `fn` is synchronous: nothing else runs
+   * on the connection in between.
+   */
+  #relaxed<T>(fn: () => T): T {
+    this.#sqlite.exec('PRAGMA synchronous = NORMAL');
+    try {
+      return fn();
+    } finally {
+      this.#sqlite.exec('PRAGMA synchronous = FULL');
+    }
   }
 
   async releaseInFlight(now: number): Promise<number> {
@@ -247,12 +373,8 @@ export class SqliteStore implements Store {
   }
 
   async nextDueAt(): Promise<number | null> {
-    const row = await this.#db
-      .selectFrom('recipients')
-      .select((eb) => eb.fn.min<number>('next_attempt_at').as('due'))
-      .where('state', 'in', PENDING)
-      .executeTakeFirst();
-    return row?.due == null ? null : Number(row.due);
+    const due = this.#sql.nextDueAt.get();
+    return due == null ? null : Number(due);
   }
 
   async listQueue(options: { limit?: number } = {}): Promise<QueueSummary[]> {
@@ -299,6 +421,8 @@ export class SqliteStore implements Store {
   }
 
   async deleteMessage(queueId: string): Promise<boolean> {
+    // An inline body goes with the row (ON DELETE CASCADE, same statement); a file is removed
+    // after (a no-op when the body was inline).
     const result = await this.#db.deleteFrom('messages').where('queue_id', '=', queueId).executeTakeFirst();
     await this.#spool.remove(queueId);
     return Number(result.numDeletedRows) > 0;
@@ -420,9 +544,10 @@ export class SqliteStore implements Store {
   }
 
   async close(): Promise<void> {
-    // Let a scheduled group commit finish: its callers are waiting to send 250.
-    while (this.#flushScheduled || this.#pending.length > 0) await new Promise((r) => setImmediate(r));
-    await this.#flushing;
+    // Let scheduled group commits finish: their callers are waiting (to send 250, for one).
+    await this.#enqueues.drain();
+    await this.#outcomes.drain();
+    this.#finishedBodies.clear();
     await this.#db.destroy();
     this.#counters.close();
   }
@@ -443,66 +568,73 @@ export class SqliteStore implements Store {
       list.push(toRecipient(r));
       byId.set(r.queue_id, list);
     }
-    return messages.map((m) => ({
-      queueId: m.queue_id,
-      sender: m.sender,
-      size: Number(m.size),
-      receivedAt: Number(m.received_at),
-      expiresAt: Number(m.expires_at),
-      origin: {
-        sessionId: m.session_id,
-        listener: m.listener,
-        clientIp: m.client_ip,
-        account: m.account ?? undefined,
-        heloName: m.helo_name ?? undefined,
-      },
-      messageIdHeader: m.message_id_header ?? undefined,
-      dsnEnvid: m.dsn_envid ?? undefined,
-      dsnRet: (m.dsn_ret as 'FULL' | 'HDRS' | null) ?? undefined,
-      recipients: byId.get(m.queue_id) ?? [],
-    }));
+    return messages.map((m) => toQueuedMessage(m, byId.get(m.queue_id) ?? []));
   }
 }
 
-async function insertMessage(trx: Transaction<Database>, message: NewMessage): Promise<void> {
-  await trx
-    .insertInto('messages')
-    .values({
+function insertMessage(sql: SqliteStatements, message: NewMessage): void {
+  sql.insertMessage.run({
+    queue_id: message.queueId,
+    sender: message.sender,
+    size: message.size,
+    received_at: message.receivedAt,
+    expires_at: message.expiresAt,
+    session_id: message.origin.sessionId,
+    listener: message.origin.listener,
+    client_ip: message.origin.clientIp,
+    account: message.origin.account ?? null,
+    helo_name: message.origin.heloName ?? null,
+    message_id_header: message.messageIdHeader ?? null,
+    dsn_envid: message.dsnEnvid ?? null,
+    dsn_ret: message.dsnRet ?? null,
+    active: 1,
+  });
+  message.recipients.forEach((r, idx) => {
+    sql.insertRecipient.run({
       queue_id: message.queueId,
-      sender: message.sender,
-      size: message.size,
-      received_at: message.receivedAt,
-      expires_at: message.expiresAt,
-      session_id: message.origin.sessionId,
-      listener: message.origin.listener,
-      client_ip: message.origin.clientIp,
-      account: message.origin.account ?? null,
-      helo_name: message.origin.heloName ?? null,
-      message_id_header: message.messageIdHeader ?? null,
-      dsn_envid: message.dsnEnvid ?? null,
-      dsn_ret: message.dsnRet ?? null,
-      active: 1,
-    })
-    .execute();
-  await trx
-    .insertInto('recipients')
-    .values(
-      message.recipients.map((r, idx) => ({
-        queue_id: message.queueId,
-        idx,
-        address: r.address,
-        domain: domainOf(r.address),
-        state: 'queued',
-        attempts: 0,
-        next_attempt_at: message.receivedAt,
-        last_code: null,
-        last_response: null,
-        notify: r.notify?.join(',') ?? null,
-        orcpt: r.orcpt ?? null,
-        updated_at: message.receivedAt,
-      })),
-    )
-    .execute();
+      idx,
+      address: r.address,
+      domain: domainOf(r.address),
+      state: 'queued',
+      attempts: 0,
+      next_attempt_at: message.receivedAt,
+      last_code: null,
+      last_response: null,
+      notify: r.notify?.join(',') ?? null,
+      orcpt: r.orcpt ?? null,
+      updated_at: message.receivedAt,
+    });
+  });
+}
+
+/** Runs one item of a batch: its error is its own. */
+function attempt<R>(fn: () => R): ItemResult<R> {
+  try {
+    return { ok: true, value: fn() };
+  } catch (err) {
+    return { ok: false, error: err as Error };
+  }
+}
+
+function toQueuedMessage(m: MessagesTable, recipients: QueuedRecipient[]): QueuedMessage {
+  return {
+    queueId: m.queue_id,
+    sender: m.sender,
+    size: Number(m.size),
+    receivedAt: Number(m.received_at),
+    expiresAt: Number(m.expires_at),
+    origin: {
+      sessionId: m.session_id,
+      listener: m.listener,
+      clientIp: m.client_ip,
+      account: m.account ?? undefined,
+      heloName: m.helo_name ?? undefined,
+    },
+    messageIdHeader: m.message_id_header ?? undefined,
+    dsnEnvid: m.dsn_envid ?? undefined,
+    dsnRet: (m.dsn_ret as 'FULL' | 'HDRS' | null) ?? undefined,
+    recipients,
+  };
 }
 
 export function domainOf(address: string): string {
