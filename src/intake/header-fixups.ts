@@ -53,6 +53,9 @@ export class HeaderFixups extends Transform {
   rewrittenFrom: string | undefined;
   #buffer: Buffer[] = [];
   #buffered = 0;
+  /** The last 3 bytes seen, and the first 2 (a message may start with the blank line). */
+  #tail: Buffer = Buffer.alloc(0);
+  #head: Buffer = Buffer.alloc(0);
   #done = false;
   readonly #received: string;
   readonly #hostname: string;
@@ -71,17 +74,20 @@ export class HeaderFixups extends Transform {
   override _transform(chunk: Buffer, _enc: BufferEncoding, callback: TransformCallback): void {
     if (this.rejection) return callback();
     if (this.#done) return callback(null, chunk);
+    const start = this.#buffered;
     this.#buffer.push(chunk);
     this.#buffered += chunk.length;
-    const all = this.#buffer.length === 1 ? chunk : Buffer.concat(this.#buffer);
-    // Search from a little before the new chunk: the blank line may straddle two chunks.
-    const from = Math.max(0, this.#buffered - chunk.length - 3);
-    const startsBlank = all.length >= 2 && all[0] === 0x0d && all[1] === 0x0a;
-    const end = startsBlank ? 0 : all.indexOf(HEADER_END, from);
-    if (end === -1 && this.#buffered < MAX_HEADER_BLOCK) {
-      this.#buffer = [all];
-      return callback();
-    }
+    // Look for the blank line in the new chunk plus the 3 bytes before it (it may straddle two
+    // chunks). Nothing is copied until it is found: a header block sent a byte at a time costs
+    // linear time, not quadratic.
+    const window = Buffer.concat([this.#tail, chunk]);
+    const hit = window.indexOf(HEADER_END);
+    this.#tail = window.subarray(Math.max(0, window.length - 3));
+    if (this.#head.length < 2) this.#head = Buffer.concat([this.#head, chunk.subarray(0, 2 - this.#head.length)]);
+    const startsBlank = this.#head.length >= 2 && this.#head[0] === 0x0d && this.#head[1] === 0x0a;
+    const end = startsBlank ? 0 : hit === -1 ? -1 : start - (window.length - chunk.length) + hit;
+    if (end === -1 && this.#buffered < MAX_HEADER_BLOCK) return callback();
+    const all = Buffer.concat(this.#buffer);
     this.#release(all, end === -1 ? null : all.subarray(0, end + 2));
     callback();
   }
