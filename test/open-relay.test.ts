@@ -121,7 +121,7 @@ const TRICKS: Trick[] = [
 describe('relay port, client outside every connector (127.0.0.9; the connector is 127.0.0.1/32)', () => {
   for (const trick of TRICKS) {
     const expected = trick.relay === 'denied' ? RELAY_DENIED : BAD_RECIPIENT;
-    it(`refuses ${trick.name} with ${expected.slice(0, 10)} and queues nothing`, async () => {
+    it(`refuses ${trick.name} with ${expected.slice(0, 9)} and queues nothing`, async () => {
       const w = await connect(t.port('relay'), { localAddress: OUTSIDER });
       expect((await w.read()).code).toBe(220);
       expect((await w.command('EHLO outsider.example')).code).toBe(250);
@@ -154,10 +154,10 @@ describe('relay port, client outside every connector (127.0.0.9; the connector i
   it('does not let XCLIENT or a PROXY header claim a connector address', async () => {
     const w = await connect(t.port('relay'), { localAddress: OUTSIDER });
     await w.read();
-    expect((await w.command('PROXY TCP4 127.0.0.1 127.0.0.1 40000 25')).code).toBeGreaterThanOrEqual(500);
+    expect((await w.command('PROXY TCP4 127.0.0.1 127.0.0.1 40000 25')).text).toBe('500 5.5.2 Error: command not recognized');
     await w.command('EHLO outsider.example');
     const xclient = await w.command('XCLIENT ADDR=127.0.0.1 NAME=localhost');
-    expect(xclient.code).toBeGreaterThanOrEqual(500);
+    expect(xclient.text).toBe('550 5.7.0 Error: Not allowed');
     await w.command('EHLO outsider.example');
     await w.command('MAIL FROM:<spammer@outsider.example>');
     expect((await w.command('RCPT TO:<victim@example.org>')).text).toBe(RELAY_DENIED);

@@ -33,9 +33,15 @@ export class SmtpWire {
     port: number,
     options: { tls?: boolean; localAddress?: string; timeoutMs?: number } = {},
   ): Promise<SmtpWire> {
-    const socket = options.tls
-      ? tls.connect({ host: '127.0.0.1', port, localAddress: options.localAddress, rejectUnauthorized: false, minVersion: 'TLSv1.2' })
-      : net.connect({ host: '127.0.0.1', port, localAddress: options.localAddress });
+    // tls.connect passes localAddress on to net.connect; its option type does not list it.
+    const tlsOptions: tls.ConnectionOptions & { localAddress?: string } = {
+      host: '127.0.0.1',
+      port,
+      localAddress: options.localAddress,
+      rejectUnauthorized: false,
+      minVersion: 'TLSv1.2',
+    };
+    const socket = options.tls ? tls.connect(tlsOptions) : net.connect({ host: '127.0.0.1', port, localAddress: options.localAddress });
     socket.setNoDelay(true);
     await new Promise<void>((resolve, reject) => {
       const timer = setTimeout(() => {
@@ -348,7 +354,10 @@ function mutate(prng: Prng, steps: Step[]): string {
     number,
   ][];
   const anyByteStep = () => prng.pick(byteSteps);
-  switch (prng.int(11)) {
+  let choice = prng.int(11);
+  // Flips, insertions and splits need a byte step; without one, insert a command instead.
+  if (byteSteps.length === 0 && (choice === 0 || choice === 1 || choice === 9)) choice = 6;
+  switch (choice) {
     case 0: {
       // flip one byte
       const [s] = anyByteStep();
