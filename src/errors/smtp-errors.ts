@@ -39,6 +39,11 @@ export const SMTP_ERRORS = {
   },
   BAD_SENDER_ADDRESS: { code: 501, enhanced: '5.1.7', text: 'Bad sender address syntax: {address}' },
   BAD_RECIPIENT_ADDRESS: { code: 501, enhanced: '5.1.3', text: 'Bad recipient address syntax: {address}' },
+  BAD_DSN_PARAMETER: {
+    code: 501,
+    enhanced: '5.5.4',
+    text: '{name} is too long: at most {max} characters (RFC 3461)',
+  },
   MESSAGE_TOO_BIG: {
     code: 552,
     enhanced: '5.3.4',

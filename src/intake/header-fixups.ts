@@ -24,7 +24,13 @@ export interface ReceivedInfo {
   date: Date;
 }
 
+/** Client-supplied words in a trace header: no control characters, bounded length. */
+function clean(value: string): string {
+  return value.replace(/[\x00-\x1f\x7f]/g, '?').slice(0, 255);
+}
+
 export function receivedHeader(info: ReceivedInfo): string {
+  info = { ...info, heloName: clean(info.heloName), clientHostname: clean(info.clientHostname), account: info.account && clean(info.account), singleRecipient: info.singleRecipient && clean(info.singleRecipient) };
   const from = `from ${info.heloName || 'unknown'} (${info.clientHostname && info.clientHostname !== `[${info.clientIp}]` ? `${info.clientHostname} ` : ''}[${info.clientIp}])`;
   const tls = info.tls ? `\r\n\t(using ${info.tls.version} with cipher ${info.tls.cipher})` : '';
   const auth = info.account ? `\r\n\t(Authenticated sender: ${info.account})` : '';
@@ -104,7 +110,10 @@ export class HeaderFixups extends Transform {
   #release(all: Buffer, headerBlock: Buffer | null): void {
     this.#done = true;
     this.#buffer = [];
-    let prefix = this.#received;
+    // Postern's own lines are UTF-8 (an SMTPUTF8 address stays readable, and no character can
+    // turn into a CR or LF byte); values copied from the client's headers keep their bytes.
+    const prefix: Buffer[] = [Buffer.from(this.#received, 'utf8')];
+    const own = (line: string) => prefix.push(Buffer.from(line, 'utf8'));
     if (headerBlock) {
       const names = headerNames(headerBlock.toString('latin1'));
       const decision = this.#policy?.({ get: (name) => names.get(name.toLowerCase()) });
@@ -115,19 +124,19 @@ export class HeaderFixups extends Transform {
       if (decision?.rewriteFrom) {
         this.rewrittenFrom = names.get('from');
         all = Buffer.concat([withoutHeader(headerBlock, 'from'), all.subarray(headerBlock.length)]);
-        prefix += `From: <${decision.rewriteFrom}>\r\n`;
-        if (!names.has('reply-to') && this.rewrittenFrom) prefix += `Reply-To: ${this.rewrittenFrom}\r\n`;
+        own(`From: <${decision.rewriteFrom}>\r\n`);
+        if (!names.has('reply-to') && this.rewrittenFrom) prefix.push(Buffer.from(`Reply-To: ${this.rewrittenFrom}\r\n`, 'latin1'));
       }
       const existingId = names.get('message-id');
       if (existingId) {
         this.messageId = existingId;
       } else {
         this.messageId = `<${randomBytes(12).toString('hex')}@${this.#hostname}>`;
-        prefix += `Message-ID: ${this.messageId}\r\n`;
+        own(`Message-ID: ${this.messageId}\r\n`);
       }
-      if (!names.has('date')) prefix += `Date: ${formatRfc5322Date(this.#date)}\r\n`;
+      if (!names.has('date')) own(`Date: ${formatRfc5322Date(this.#date)}\r\n`);
     }
-    this.push(Buffer.from(prefix, 'latin1'));
+    this.push(Buffer.concat(prefix));
     this.push(all);
   }
 }

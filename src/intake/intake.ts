@@ -84,10 +84,44 @@ export class Intake {
       const address = listen[kind];
       if (!address) continue;
       const server = this.#createServer(kind, address.legacy === true);
+      if (kind === 'smtps') this.#capBeforeHandshake(server);
       this.#servers.push({ kind, server });
       bound.push(await bindListener(server, kind, address, this.#options.logger));
     }
     return bound;
+  }
+
+  /**
+   * On the implicit-TLS port a session (and so onConnect's caps) starts only after the TLS
+   * handshake, which a client can simply never finish. So raw sockets are counted per address
+   * here, before smtp-server sees them, and the ones over the caps are closed at once.
+   */
+  #capBeforeHandshake(server: PosternSmtpServer): void {
+    const { limits } = this.#options.config;
+    const perIp = new Map<string, number>();
+    let total = 0;
+    // smtp-server's own handler must not see a refused socket at all: it is wrapped, not preceded.
+    const handlers = server.server.listeners('connection') as ((socket: net.Socket) => void)[];
+    server.server.removeAllListeners('connection');
+    server.server.on('connection', (socket: net.Socket) => {
+      const ip = plainIp(socket.remoteAddress ?? '');
+      const n = perIp.get(ip) ?? 0;
+      if (n >= limits.max_connections_per_ip || total >= limits.max_connections) {
+        this.#options.logger.warn({ event: 'connect_refused', listener: 'smtps', ip, reason: 'cap_before_tls' }, 'connection refused before TLS: too many');
+        socket.on('error', () => undefined);
+        socket.destroy();
+        return;
+      }
+      perIp.set(ip, n + 1);
+      total++;
+      socket.once('close', () => {
+        total--;
+        const left = (perIp.get(ip) ?? 1) - 1;
+        if (left > 0) perIp.set(ip, left);
+        else perIp.delete(ip);
+      });
+      for (const handler of handlers) handler.call(server.server, socket);
+    });
   }
 
   /** Uses a new certificate and key for every new TLS handshake (renewal, SIGHUP). */
@@ -250,6 +284,8 @@ export class Intake {
     if (address.address !== '' && !isValidMailbox(address.address)) {
       return smtpError('BAD_SENDER_ADDRESS', { address: printable(address.address) });
     }
+    const envid = (address.args && typeof address.args.ENVID === 'string' ? address.args.ENVID : undefined) ?? session.envelope.dsn?.envid;
+    if (envid && envid.length > 100) return smtpError('BAD_DSN_PARAMETER', { name: 'ENVID', max: 100 });
     // The relay port refuses outsiders per recipient (below); their MAIL is not worth a lookup.
     if (state.listener !== 'relay' || state.connector) {
       const refused = await this.#options.policy.onMail(state, address.address);
@@ -270,6 +306,8 @@ export class Intake {
       return smtpError('RELAY_DENIED', { ip: state.ip });
     }
     if (!isValidMailbox(address.address)) return smtpError('BAD_RECIPIENT_ADDRESS', { address: printable(address.address) });
+    const orcpt = address.dsn?.orcpt ?? (address.args && typeof address.args.ORCPT === 'string' ? address.args.ORCPT : '');
+    if (orcpt.length > 500) return smtpError('BAD_DSN_PARAMETER', { name: 'ORCPT', max: 500 });
     const refused = await this.#options.policy.onRcpt(state, address.address, session.envelope.rcptTo.length);
     if (refused) {
       state.log.warn({ event: 'rcpt_refused', to: address.address, reason: refused.errorName }, refused.message);
@@ -389,6 +427,8 @@ export class Intake {
 
 /** local@domain with a plausible domain or address literal; smtp-server has checked the syntax. */
 function isValidMailbox(address: string): boolean {
+  // smtp-server turns invalid UTF-8 into U+FFFD: the address would not be the one that was sent.
+  if (/[\u0000-\u001f\u007f\ufffd]/.test(address)) return false;
   const at = address.lastIndexOf('@');
   if (at <= 0 || at === address.length - 1) return false;
   const domain = address.slice(at + 1);

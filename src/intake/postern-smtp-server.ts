@@ -14,6 +14,10 @@
 //    are sent as they are, instead of getting smtp-server's generic code put in front.
 // 5. smtp-server's "538 Error: Must issue a STARTTLS command first" becomes the registry's
 //    AUTH_NEEDS_TLS reply, which says what to change on the device.
+// 6. The idle timeout counts complete commands, not bytes: smtp-server re-arms it on any byte, so
+//    a client trickling one byte a second (slowloris) would hold its connection forever. A sweep
+//    closes sessions with no complete command line within the timeout, the way smtp-server's own
+//    timeout does (421), except while DATA streams or a handler is still working.
 import type net from 'node:net';
 import type tls from 'node:tls';
 import { SMTPServer, type SMTPServerOptions } from 'smtp-server';
@@ -29,6 +33,11 @@ export interface PosternSmtpServerOptions extends SMTPServerOptions {
 
 type InternalConnection = SMTPConnection & {
   secure: boolean;
+  _handlerPending: boolean;
+  _parser?: { _dataMode?: boolean };
+  _closing: boolean;
+  _onCommand(command: Buffer, callback: () => void): void;
+  _onTimeout(): void;
   _setListeners(done: () => void): void;
   connectionReady(): void;
   send(code: number, data?: string | string[], context?: string | false): void;
@@ -36,11 +45,33 @@ type InternalConnection = SMTPConnection & {
 
 export class PosternSmtpServer extends SMTPServer {
   readonly #hideAuthBeforeTls: boolean;
+  readonly #idleMs: number;
+  readonly #lastCommand = new WeakMap<SMTPConnection, number>();
+  readonly #sweep: NodeJS.Timeout;
 
   constructor(options: PosternSmtpServerOptions) {
     const { hideAuthBeforeTls, ...rest } = options;
     super(rest);
     this.#hideAuthBeforeTls = hideAuthBeforeTls ?? false;
+    this.#idleMs = options.socketTimeout ?? 60_000;
+    this.#sweep = setInterval(() => this.#closeTricklers(), Math.min(1000, this.#idleMs / 2));
+    this.#sweep.unref();
+  }
+
+  override close(callback?: () => void): void {
+    clearInterval(this.#sweep);
+    super.close(callback);
+  }
+
+  #closeTricklers(): void {
+    const now = Date.now();
+    for (const c of this.connections as Set<InternalConnection>) {
+      const last = this.#lastCommand.get(c);
+      if (last === undefined || now - last < this.#idleMs || c._closing) continue;
+      if (c._handlerPending || c._parser?._dataMode) continue;
+      this.#lastCommand.set(c, now);
+      c._onTimeout();
+    }
   }
 
   override connect(socket: net.Socket | tls.TLSSocket, socketOptions?: any): void {
@@ -60,6 +91,13 @@ export class PosternSmtpServer extends SMTPServer {
       if (code === 538) data = smtpError('AUTH_NEEDS_TLS').message;
       if (typeof data === 'string' && ENHANCED_PREFIX.test(data)) context = false;
       send(code, data, context);
+    };
+
+    this.#lastCommand.set(connection, Date.now());
+    const onCommand = connection._onCommand.bind(connection);
+    connection._onCommand = (command, callback) => {
+      this.#lastCommand.set(connection, Date.now());
+      onCommand(command, callback);
     };
 
     // smtp-server's init() is `_setListeners(() => setTimeout(connectionReady, 100))`; we keep
