@@ -96,6 +96,8 @@ export interface BenchResults {
   posternRssAtStartBytes: number;
   idle: IdleFigures[];
   bigMessage: BigMessageFigures[];
+  /** The same 587 c=50 loads against Postern with the policy on and a second one with it off. */
+  policyOverhead: { mode: 'new' | 'reuse'; on: number; off: number }[];
   targets: TargetResult[];
 }
 
@@ -120,6 +122,15 @@ function find(results: BenchResults, server: string, port: PortKind, mode: 'new'
 /** The issue's targets, judged on this run. */
 export function judgeTargets(results: BenchResults): TargetResult[] {
   const targets: TargetResult[] = [];
+  for (const p of results.policyOverhead) {
+    const ratio = p.off > 0 ? p.on / p.off : 0;
+    targets.push({
+      name: `accept 587 ${p.mode === 'new' ? 'new conn/msg' : 'reused conn'} c=50, policy on vs off`,
+      value: `${p.on.toFixed(0)}/${p.off.toFixed(0)} = ${(ratio * 100).toFixed(0)}%`,
+      target: '>= 85%',
+      pass: ratio >= 0.85,
+    });
+  }
   for (const port of ['submission', 'relay'] as const) {
     for (const mode of ['new', 'reuse'] as const) {
       const p = find(results, 'postern', port, mode, 50);

@@ -122,6 +122,7 @@ async function main(): Promise<void> {
     posternRssAtStartBytes: 0,
     idle: [],
     bigMessage: [],
+    policyOverhead: [],
     targets: [],
   };
 
@@ -223,6 +224,41 @@ async function main(): Promise<void> {
       results.cpuChecksMs.push(cpuCheckMs());
       say('end-to-end');
       results.endToEnd = await bench.endToEnd(postern.ports.submission);
+
+      if (settings.policy === 'on') {
+        // Policy overhead, in this run: a second Postern, identical but for `[policy] enforce =
+        // false`, takes the same 587 loads right after the first takes them again.
+        say('policy overhead: a second Postern with [policy] enforce = false');
+        const offDir = path.join(dir, 'policy-off');
+        fs.mkdirSync(offDir, { recursive: true });
+        const off = await PosternProcess.start(
+          {
+            dir: offDir,
+            certFile,
+            keyFile,
+            sinkPort: sink.port,
+            maxMessageSize: MAX_MESSAGE_SIZE,
+            nodeArgs: settings.posternNodeArgs,
+            logLevel: process.env.BENCH_LOG_LEVEL || undefined,
+            enforcePolicy: false,
+          },
+          ACCOUNT,
+        );
+        children.push(off);
+        const offBench = new Bench(sink, off);
+        await offBench.posternLoad('submission', 'reuse', 10, { warmupMs: 0, durationMs: 2000 });
+        await offBench.drain();
+        for (const mode of ['new', 'reuse'] as const) {
+          say(`587 ${mode} c=50: policy on, then off`);
+          const on = await bench.scenario('postern', postern.pid, postern.ports.submission, 'submission', mode, 50);
+          await bench.drain();
+          const offFigures = await offBench.scenario('postern-policy-off', off.pid, off.ports.submission, 'submission', mode, 50);
+          await offBench.drain();
+          results.policyOverhead.push({ mode, on: on.messagesPerSecond, off: offFigures.messagesPerSecond });
+          say(`  policy on ${on.messagesPerSecond.toFixed(0)}/s, off ${offFigures.messagesPerSecond.toFixed(0)}/s`);
+        }
+        await off.stop();
+      }
     }
 
     if (settings.only !== 'throughput') {
