@@ -322,3 +322,43 @@ describe('[policy] enforce = false', () => {
     }
   });
 });
+
+describe('volume spike', () => {
+  it('records an account sending more than 5 times its daily average of the week before', async () => {
+    const t = await startTestPostern({ extra: NO_DNS });
+    try {
+      await account(t, 'printer@example.com');
+      const store = t.postern.store;
+      const day = 86_400_000;
+      const now = Date.now();
+      // History, queued straight into the store: one recipient a day for 7 days, then 120 today.
+      const put = async (at: number, recipients: number) => {
+        const { newQueueId } = await import('../src/store/queue-id.js');
+        const queueId = newQueueId(at);
+        const writer = store.createBody(queueId);
+        writer.stream.end('Subject: x\r\n\r\nx\r\n');
+        const size = await writer.finish();
+        await store.enqueue({
+          queueId,
+          sender: 'printer@example.com',
+          recipients: Array.from({ length: recipients }, (_, i) => ({ address: `r${i}@example.net` })),
+          size,
+          receivedAt: at,
+          expiresAt: at + 5 * day,
+          origin: { sessionId: 'history', listener: 'submission', clientIp: '127.0.0.1', account: 'printer@example.com' },
+        });
+      };
+      for (let d = 2; d <= 8; d++) await put(now - d * day + 3_600_000, 1);
+      await put(now - 3_600_000, 60);
+      await put(now - 1_800_000, 60);
+      const { c } = await login(t, 'printer@example.com');
+      expect((await c.command('MAIL FROM:<printer@example.com>')).code).toBe(250);
+      await c.quit();
+      const spike = await waitFor(async () => (await store.listSecurityEvents()).find((e) => e.kind === 'volume_spike'), 5000, 'volume_spike');
+      expect(spike.account).toBe('printer@example.com');
+      expect(spike.detail.message).toMatch(/^printer@example\.com sent to 120 recipients in 24 hours, more than 5 times its daily average of 1$/);
+    } finally {
+      await t.stop();
+    }
+  });
+});
