@@ -40,14 +40,9 @@ function spoolFiles(): string[] {
 
 /** An authenticated submission session ready for MAIL FROM. */
 async function session(): Promise<RawSmtp> {
-  const c = await RawSmtp.connect(t.port('submission'));
-  await c.read();
-  await c.command('EHLO device.local');
-  await c.startTls();
-  await c.command('EHLO device.local');
-  const auth = await c.authPlain('printer@example.com', PASSWORD);
+  const { client, auth } = await RawSmtp.submission(t.port('submission'), 'printer@example.com', PASSWORD);
   expect(auth.code).toBe(235);
-  return c;
+  return client;
 }
 
 /** A relay session from loopback (inside the "loopback" connector). */

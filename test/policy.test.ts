@@ -12,13 +12,8 @@ const PASSWORD = 'policy test password';
 const NO_DNS = '\n[delivery]\ndns_servers = ["127.0.0.1:9"]\n';
 
 async function login(t: TestPostern, user: string, options: { localAddress?: string; password?: string } = {}) {
-  const c = await RawSmtp.connect(t.port('submission'), { localAddress: options.localAddress });
-  await c.read();
-  await c.command('EHLO device.local');
-  await c.startTls();
-  await c.command('EHLO device.local');
-  const auth = await c.authPlain(user, options.password ?? PASSWORD);
-  return { c, auth };
+  const { client, auth } = await RawSmtp.submission(t.port('submission'), user, options.password ?? PASSWORD, options);
+  return { c: client, auth };
 }
 
 async function account(t: TestPostern, address: string, policy: AccountPolicy = {}) {

@@ -112,14 +112,11 @@ async function body(queueId: string, p: TestPostern = t): Promise<Buffer> {
 
 /** STARTTLS, EHLO and AUTH PLAIN on the submission port; ready for MAIL FROM. */
 async function submissionSession(p: TestPostern = t, localAddress = '127.0.0.1'): Promise<RawSmtp> {
-  const c = await RawSmtp.connect(p.port('submission'), { localAddress });
-  opened.push(c);
-  expect((await c.read()).code).toBe(220);
-  await c.command('EHLO device.local');
-  await c.startTls();
-  await c.command('EHLO device.local');
-  expect((await c.authPlain(ACCOUNT, PASSWORD)).text).toMatch(/^235 /);
-  return c;
+  const { client, greeting, auth } = await RawSmtp.submission(p.port('submission'), ACCOUNT, PASSWORD, { localAddress });
+  opened.push(client);
+  expect(greeting.code).toBe(220);
+  expect(auth.text).toMatch(/^235 /);
+  return client;
 }
 
 /** A normal authenticated submission: 250, and the message is in the queue with its account. */

@@ -33,6 +33,17 @@ export class RawSmtp {
     return new RawSmtp(socket);
   }
 
+  /** A device's opening on the submission port: greeting, EHLO, STARTTLS, EHLO, AUTH PLAIN. */
+  static async submission(port: number, user: string, password: string, options: { localAddress?: string } = {}): Promise<{ client: RawSmtp; greeting: Reply; auth: Reply }> {
+    const client = await RawSmtp.connect(port, options);
+    const greeting = await client.read();
+    await client.command('EHLO device.local');
+    await client.startTls();
+    await client.command('EHLO device.local');
+    const auth = await client.authPlain(user, password);
+    return { client, greeting, auth };
+  }
+
   get localPort(): number | undefined {
     return this.#socket.localPort;
   }
