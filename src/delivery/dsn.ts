@@ -18,6 +18,7 @@ import type { Readable } from 'node:stream';
 import { newQueueId } from '../store/queue-id.js';
 import type { QueueStore, QueuedMessage } from '../store/store.js';
 import { enqueueLocalMessage } from '../queue/enqueue-local.js';
+import { formatRfc5322Date } from '../mail/rfc5322-date.js';
 
 export interface DsnRecipient {
   address: string;
@@ -95,7 +96,7 @@ export function buildDsn(input: DsnInput): Buffer {
   const { hostname, message, recipients, now } = input;
   const boundary = `=_postern_${randomBytes(12).toString('hex')}`;
   const messageId = input.messageId ?? `${newQueueId(now)}@${hostname}`;
-  const date = formatDate(now);
+  const date = formatRfc5322Date(now);
   const sender = message.sender;
 
   const head = [
@@ -132,7 +133,7 @@ export function buildDsn(input: DsnInput): Buffer {
     'Details of the original message:',
     `    Queue ID: ${message.queueId}`,
     `    Sender: <${sender}>`,
-    `    Received: ${formatDate(message.receivedAt)}`,
+    `    Received: ${formatRfc5322Date(message.receivedAt)}`,
     ...(message.messageIdHeader ? [`    Message-ID: ${message.messageIdHeader}`] : []),
     '',
     'The headers of the original message are attached.',
@@ -142,7 +143,7 @@ export function buildDsn(input: DsnInput): Buffer {
     `Reporting-MTA: dns; ${hostname}`,
     `X-Postern-Queue-ID: ${message.queueId}`,
     ...(message.dsnEnvid ? [`Original-Envelope-Id: ${message.dsnEnvid}`] : []),
-    `Arrival-Date: ${formatDate(message.receivedAt)}`,
+    `Arrival-Date: ${formatRfc5322Date(message.receivedAt)}`,
   ];
   const perRecipient = recipients.map((r) => [
     `Final-Recipient: rfc822; ${r.address}`,
@@ -209,10 +210,6 @@ export function enqueueDsn(store: QueueStore, input: EnqueueDsnInput): Promise<s
   });
 }
 
-/** RFC 5322 date, "Sun, 29 Nov 2026 00:05:00 +0000". */
-export function formatDate(ms: number): string {
-  return new Date(ms).toUTCString().replace(/GMT$/, '+0000');
-}
 
 function oneLine(text: string, max: number): string {
   const flat = text.replace(/[\r\n]+/g, ' ');

@@ -5,6 +5,7 @@
 import { randomBytes } from 'node:crypto';
 import { Transform, type TransformCallback } from 'node:stream';
 import type { SmtpReplyError } from '../errors/smtp-errors.js';
+import { formatRfc5322Date } from '../mail/rfc5322-date.js';
 
 const MAX_HEADER_BLOCK = 256 * 1024;
 const HEADER_END = Buffer.from('\r\n\r\n');
@@ -168,13 +169,4 @@ function headerNames(block: string): Map<string, string> {
     if (!out.has(name)) out.set(name, line.slice(colon + 1).trim());
   }
   return out;
-}
-
-const DAYS = ['Sun', 'Mon', 'Tue', 'Wed', 'Thu', 'Fri', 'Sat'];
-const MONTHS = ['Jan', 'Feb', 'Mar', 'Apr', 'May', 'Jun', 'Jul', 'Aug', 'Sep', 'Oct', 'Nov', 'Dec'];
-
-/** RFC 5322 date in UTC, e.g. "Sat, 28 Nov 2026 23:56:14 +0000". */
-export function formatRfc5322Date(d: Date): string {
-  const pad = (n: number) => String(n).padStart(2, '0');
-  return `${DAYS[d.getUTCDay()]}, ${d.getUTCDate()} ${MONTHS[d.getUTCMonth()]} ${d.getUTCFullYear()} ${pad(d.getUTCHours())}:${pad(d.getUTCMinutes())}:${pad(d.getUTCSeconds())} +0000`;
 }

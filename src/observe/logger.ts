@@ -23,8 +23,3 @@ export function createLogger(options: LoggerOptions = {}): Logger {
     options.destination ?? pino.destination({ dest: 1, sync: false }),
   );
 }
-
-/** A logger that drops everything: for CLI commands and store tests. */
-export function silentLogger(): Logger {
-  return pino({ level: 'silent' });
-}

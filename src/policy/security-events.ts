@@ -3,7 +3,7 @@
 // admin address (as a queued message) and/or a webhook (a JSON POST). Alerts never block the SMTP
 // session that caused them, and an alert that cannot be sent is logged, not retried forever.
 import type { Config } from '../config/load-config.js';
-import { formatRfc5322Date } from '../intake/header-fixups.js';
+import { formatRfc5322Date } from '../mail/rfc5322-date.js';
 import type { Logger } from '../observe/logger.js';
 import { enqueueLocalMessage } from '../queue/enqueue-local.js';
 import type { NewSecurityEvent, SecurityEventKind, Store } from '../store/store.js';

@@ -9,8 +9,6 @@ import type { RateLimiterAbstract } from 'rate-limiter-flexible';
 
 export type RecipientState = 'queued' | 'in_flight' | 'deferred' | 'delivered' | 'failed';
 
-export const FINAL_STATES: readonly RecipientState[] = ['delivered', 'failed'];
-
 /** Per-account limits; an absent value means the `[limits]` default. */
 export interface AccountLimits {
   messagesPerMinute?: number;
