@@ -156,6 +156,12 @@ describe('account policy and the audit log', () => {
     const dir = tempDir();
     writeConfig(dir);
     run(['account', 'add', 'app@example.com', '--generate'], { cwd: dir });
+    const cam = run(['account', 'add', 'cam@example.com', '--generate', '--recipient-domains', 'example.com', '--max-connections', '1'], { cwd: dir });
+    expect(cam.status).toBe(0);
+    expect(JSON.parse(run(['account', 'show', 'cam@example.com', '--json'], { cwd: dir }).stdout)).toMatchObject({
+      recipient_domains: ['example.com'],
+      limits: { maxConnections: 1 },
+    });
     const set = run(
       ['account', 'set', 'app@example.com', '--send-as', 'noreply@example.com,*@alerts.example.com', '--recipient-domains', 'example.com', '--messages-per-minute', '120', '--networks', '10.0.0.0/8'],
       { cwd: dir },
@@ -176,9 +182,11 @@ describe('account policy and the audit log', () => {
     run(['account', 'set', 'app@example.com', '--smtp-auth', 'off'], { cwd: dir });
 
     const audit = JSON.parse(run(['security', 'audit', '--json'], { cwd: dir }).stdout) as { actor: string; action: string; target: string; detail: Record<string, unknown> }[];
-    expect(audit.map((a) => a.action)).toEqual(['account.add', 'account.set', 'account.set', 'account.set']);
-    expect(audit.every((a) => a.actor.startsWith('cli:') && a.target === 'app@example.com')).toBe(true);
-    expect(audit[3]!.detail).toEqual({ smtp_auth: false });
+    const own = audit.filter((a) => a.target === 'app@example.com');
+    expect(own.map((a) => a.action)).toEqual(['account.add', 'account.set', 'account.set', 'account.set']);
+    expect(audit.every((a) => a.actor.startsWith('cli:'))).toBe(true);
+    expect(own[3]!.detail).toEqual({ smtp_auth: false });
+    expect(audit.find((a) => a.target === 'cam@example.com')?.detail).toMatchObject({ policy: { recipientDomains: ['example.com'] } });
     expect(JSON.stringify(audit)).not.toMatch(/argon2|Password:/);
     expect(run(['security', 'events'], { cwd: dir }).stdout).toMatch(/^No security events since /);
   });

@@ -52,27 +52,28 @@ function requireAddress(address: string): string {
 export function registerAccountCommands(program: Command): void {
   const account = program.command('account').description('manage the service accounts devices and apps log in with');
 
-  account
+  const add = account
     .command('add <address>')
     .description('create an account; the password is generated (--generate) or read from stdin (--password-stdin)')
     .option('--generate', 'generate a strong password and print it once')
     .option('--password-stdin', 'read the password from standard input')
-    .option('--smtp-auth <on|off>', 'allow SMTP AUTH for this account', 'on')
-    .action(async (address: string, opts: { generate?: boolean; passwordStdin?: boolean; smtpAuth: string }, cmd: Command) => {
-      const addr = requireAddress(address);
-      const smtpAuth = parseOnOff(opts.smtpAuth, '--smtp-auth');
-      const secret = await passwordFromOptions(opts);
-      if (!secret) throw new UsageError('give the password with --generate or --password-stdin');
-      await withStore(cmd, async (store) => {
-        if (await store.getAccount(addr)) throw new UsageError(`account ${addr} already exists (use "postern account set" to change it)`);
-        await store.createAccount({ address: addr, passwordHash: await hashPassword(secret.password), smtpAuth });
-        await store.recordAudit({ actor: actor(), action: 'account.add', target: addr, detail: { smtp_auth: smtpAuth } });
-      });
-      process.stdout.write(`Account ${addr} created (SMTP AUTH ${smtpAuth ? 'on' : 'off'}).\n`);
-      if (secret.generated) {
-        process.stdout.write(`Password: ${secret.password}\nThis password is shown once. Configure the device now: username ${addr}, this password, STARTTLS on port 587.\n`);
-      }
+    .option('--smtp-auth <on|off>', 'allow SMTP AUTH for this account', 'on');
+  withPolicyOptions(add).action(async (address: string, opts: SetOptions & { smtpAuth: string }, cmd: Command) => {
+    const addr = requireAddress(address);
+    const smtpAuth = parseOnOff(opts.smtpAuth, '--smtp-auth');
+    const policy = policyOptionsGiven(opts) ? applyPolicyOptions({}, opts) : undefined;
+    const secret = await passwordFromOptions(opts);
+    if (!secret) throw new UsageError('give the password with --generate or --password-stdin');
+    await withStore(cmd, async (store) => {
+      if (await store.getAccount(addr)) throw new UsageError(`account ${addr} already exists (use "postern account set" to change it)`);
+      await store.createAccount({ address: addr, passwordHash: await hashPassword(secret.password), smtpAuth, policy });
+      await store.recordAudit({ actor: actor(), action: 'account.add', target: addr, detail: { smtp_auth: smtpAuth, ...(policy ? { policy } : {}) } });
     });
+    process.stdout.write(`Account ${addr} created (SMTP AUTH ${smtpAuth ? 'on' : 'off'}).\n`);
+    if (secret.generated) {
+      process.stdout.write(`Password: ${secret.password}\nThis password is shown once. Configure the device now: username ${addr}, this password, STARTTLS on port 587.\n`);
+    }
+  });
 
   account
     .command('list')
@@ -105,58 +106,50 @@ export function registerAccountCommands(program: Command): void {
       printTable(['FIELD', 'VALUE'], Object.entries(d).map(([k, v]) => [k, show(v)]));
     });
 
-  account
+  const set = account
     .command('set <address>')
     .description('change an account: SMTP AUTH flag, enabled flag, password')
     .option('--smtp-auth <on|off>', 'allow or refuse SMTP AUTH for this account')
     .option('--enabled <on|off>', 'enable or disable the account')
     .option('--generate', 'replace the password with a generated one, printed once')
-    .option('--password-stdin', 'replace the password with one read from standard input')
-    .option('--send-as <list>', 'other addresses or *@domain patterns it may send as, comma-separated ("" for none)')
-    .option('--recipient-domains <list>', 'the only recipient domains it may send to, comma-separated ("" for any)')
-    .option('--rewrite-from <on|off>', 'replace a From it may not use with its own address (original in Reply-To)')
-    .option('--networks <list>', 'the only client networks (CIDR) it may log in from, comma-separated ("" for any)')
-    .option('--messages-per-minute <n>', 'its own limit ("default" for the [limits] value)')
-    .option('--recipients-per-day <n>', 'its own limit over a rolling 24 hours ("default" for the [limits] value)')
-    .option('--max-recipients <n>', 'recipients per message ("default" for the [limits] value)')
-    .option('--max-connections <n>', 'connections at once ("default" for the [limits] value)')
-    .action(async (address: string, opts: SetOptions, cmd: Command) => {
-        const patch: AccountPatch = {};
-        if (opts.smtpAuth !== undefined) patch.smtpAuth = parseOnOff(opts.smtpAuth, '--smtp-auth');
-        if (opts.enabled !== undefined) patch.enabled = parseOnOff(opts.enabled, '--enabled');
-        const secret = await passwordFromOptions(opts);
-        if (secret) patch.passwordHash = await hashPassword(secret.password);
-        const policyChanges = policyOptionsGiven(opts);
-        if (Object.keys(patch).length === 0 && !policyChanges) {
-          throw new UsageError('nothing to change: give --smtp-auth, --enabled, --generate, --password-stdin or a policy option (see --help)');
-        }
-        const updated = await withStore(cmd, async (store) => {
-          const current = await store.getAccount(address);
-          if (!current) throw new UsageError(`no account ${address.toLowerCase()}`);
-          if (policyChanges) patch.policy = applyPolicyOptions(current.policy, opts);
-          const result = await store.updateAccount(address, patch);
-          await store.recordAudit({
-            actor: actor(),
-            action: 'account.set',
-            target: current.address,
-            detail: {
-              ...(patch.smtpAuth !== undefined ? { smtp_auth: patch.smtpAuth } : {}),
-              ...(patch.enabled !== undefined ? { enabled: patch.enabled } : {}),
-              ...(secret ? { password: 'changed' } : {}),
-              ...(patch.policy ? { policy: { before: current.policy, after: patch.policy } } : {}),
-            },
-          });
-          return result;
+    .option('--password-stdin', 'replace the password with one read from standard input');
+  withPolicyOptions(set).action(async (address: string, opts: SetOptions, cmd: Command) => {
+      const patch: AccountPatch = {};
+      if (opts.smtpAuth !== undefined) patch.smtpAuth = parseOnOff(opts.smtpAuth, '--smtp-auth');
+      if (opts.enabled !== undefined) patch.enabled = parseOnOff(opts.enabled, '--enabled');
+      const secret = await passwordFromOptions(opts);
+      if (secret) patch.passwordHash = await hashPassword(secret.password);
+      const policyChanges = policyOptionsGiven(opts);
+      if (Object.keys(patch).length === 0 && !policyChanges) {
+        throw new UsageError('nothing to change: give --smtp-auth, --enabled, --generate, --password-stdin or a policy option (see --help)');
+      }
+      const updated = await withStore(cmd, async (store) => {
+        const current = await store.getAccount(address);
+        if (!current) throw new UsageError(`no account ${address.toLowerCase()}`);
+        if (policyChanges) patch.policy = applyPolicyOptions(current.policy, opts);
+        const result = await store.updateAccount(address, patch);
+        await store.recordAudit({
+          actor: actor(),
+          action: 'account.set',
+          target: current.address,
+          detail: {
+            ...(patch.smtpAuth !== undefined ? { smtp_auth: patch.smtpAuth } : {}),
+            ...(patch.enabled !== undefined ? { enabled: patch.enabled } : {}),
+            ...(secret ? { password: 'changed' } : {}),
+            ...(patch.policy ? { policy: { before: current.policy, after: patch.policy } } : {}),
+          },
         });
-        const changes = [
-          patch.smtpAuth !== undefined ? `SMTP AUTH ${patch.smtpAuth ? 'on' : 'off'}` : null,
-          patch.enabled !== undefined ? (patch.enabled ? 'enabled' : 'disabled') : null,
-          secret ? 'password changed' : null,
-          policyChanges ? 'policy updated' : null,
-        ].filter(Boolean);
-        process.stdout.write(`Account ${updated!.address}: ${changes.join(', ')}.\n`);
-        if (secret?.generated) process.stdout.write(`Password: ${secret.password}\nThis password is shown once.\n`);
-    });
+        return result;
+      });
+      const changes = [
+        patch.smtpAuth !== undefined ? `SMTP AUTH ${patch.smtpAuth ? 'on' : 'off'}` : null,
+        patch.enabled !== undefined ? (patch.enabled ? 'enabled' : 'disabled') : null,
+        secret ? 'password changed' : null,
+        policyChanges ? 'policy updated' : null,
+      ].filter(Boolean);
+      process.stdout.write(`Account ${updated!.address}: ${changes.join(', ')}.\n`);
+      if (secret?.generated) process.stdout.write(`Password: ${secret.password}\nThis password is shown once.\n`);
+  });
 
   account
     .command('remove <address>')
@@ -170,6 +163,19 @@ export function registerAccountCommands(program: Command): void {
       if (!removed) throw new UsageError(`no account ${address.toLowerCase()}`);
       process.stdout.write(`Account ${address.toLowerCase()} removed.\n`);
     });
+}
+
+/** The policy options `add` and `set` share. */
+function withPolicyOptions(command: Command): Command {
+  return command
+    .option('--send-as <list>', 'other addresses or *@domain patterns it may send as, comma-separated ("" for none)')
+    .option('--recipient-domains <list>', 'the only recipient domains it may send to, comma-separated ("" for any)')
+    .option('--rewrite-from <on|off>', 'replace a From it may not use with its own address (original in Reply-To)')
+    .option('--networks <list>', 'the only client networks (CIDR) it may log in from, comma-separated ("" for any)')
+    .option('--messages-per-minute <n>', 'its own limit ("default" for the [limits] value)')
+    .option('--recipients-per-day <n>', 'its own limit over a rolling 24 hours ("default" for the [limits] value)')
+    .option('--max-recipients <n>', 'recipients per message ("default" for the [limits] value)')
+    .option('--max-connections <n>', 'connections at once ("default" for the [limits] value)');
 }
 
 interface SetOptions {
