@@ -11,7 +11,7 @@
 //   FUZZ_SEED=<seed> npx vitest run test/fuzz-session.test.ts
 // FUZZ_SESSIONS changes the number of sessions (default 500, about 5 s; 2,000 take about 20 s).
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { type TestPostern, startTestPostern, tempDir } from './helpers/postern-harness.js';
+import { type TestPostern, startHeldQueuePostern } from './helpers/postern-harness.js';
 import { RawSmtp } from './helpers/raw-smtp.js';
 import {
   type FuzzPort,
@@ -44,43 +44,6 @@ const MB = 1024 * 1024;
 const RSS_BOUND_MB = 100;
 const REPLAY = `seed ${SEED} (replay: FUZZ_SEED=${SEED} npx vitest run test/fuzz-session.test.ts)`;
 
-function configText(dir: string): string {
-  return `hostname = "relay.example.test"
-data_dir = ${JSON.stringify(dir)}
-
-[listen]
-submission = "127.0.0.1:0"
-smtps = "127.0.0.1:0"
-relay = "127.0.0.1:0"
-
-[limits]
-max_message_size = 1048576
-max_recipients = ${MAX_RECIPIENTS}
-idle_timeout = "10s"
-messages_per_minute = 100000
-recipients_per_day = 10000000
-connections_per_account = 1000
-
-[lockout]
-account_failures = 100000
-ip_failures = 100000
-
-[queue]
-first_retry = "1h"
-max_retry_interval = "1h"
-
-[[route]]
-domains = ["*"]
-host = "127.0.0.1"
-port = 9
-tls = "none"
-
-[[connector]]
-name = "loopback"
-networks = ["127.0.0.0/8"]
-`;
-}
-
 let t: TestPostern;
 let sessions: FuzzSession[] = [];
 let outcomes: SessionOutcome[] | undefined;
@@ -88,9 +51,11 @@ let rssGrowthMb = 0;
 
 beforeAll(async () => {
   console.log(`fuzz: ${SESSIONS} sessions, ${REPLAY}`);
-  const dir = tempDir('postern-fuzz-');
-  t = await startTestPostern({ dir, text: configText(dir) });
-  await t.addAccount(ACCOUNT, PASSWORD);
+  t = await startHeldQueuePostern(
+    { user: ACCOUNT, password: PASSWORD },
+    { limits: `max_message_size = 1048576\nmax_recipients = ${MAX_RECIPIENTS}\nidle_timeout = "10s"` },
+    'postern-fuzz-',
+  );
   sessions = makeSessions(new Prng(SEED), SESSIONS, PORTS, { user: ACCOUNT, password: PASSWORD });
 });
 

@@ -5,9 +5,9 @@
 // does relay for the connector and for an authenticated account, so the refusals are policy and
 // not a broken server, and that an accepted trick address is delivered by its real domain.
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { type TestPostern, startTestPostern, tempDir } from './helpers/postern-harness.js';
+import { type TestPostern, startHeldQueuePostern } from './helpers/postern-harness.js';
 import { RawSmtp } from './helpers/raw-smtp.js';
-import { SmtpWire } from './helpers/smtp-fuzz.js';
+import { ConnectionTracker } from './helpers/smtp-fuzz.js';
 
 const ACCOUNT = 'printer@example.com';
 const PASSWORD = 'correct horse battery staple';
@@ -18,40 +18,15 @@ const AUTH_REQUIRED = '530 5.7.57 Client not authenticated to send mail. Log in 
 const BAD_RECIPIENT = '501 5.1.3 Error: Bad recipient address syntax';
 
 /**
- * Listeners on ephemeral loopback ports; the only connector is 127.0.0.1/32; deliveries go to a
- * closed port so anything queued stays visible in the store. Policy settings are the defaults.
+ * Deliveries held at a closed port (see heldQueueConfigText), the only connector is 127.0.0.1/32,
+ * and the policy settings are the defaults.
  */
-function configText(dir: string, listen = '', connector = ''): string {
-  return `hostname = "relay.example.test"
-data_dir = ${JSON.stringify(dir)}
-
-[listen]
-submission = ${listen || '"127.0.0.1:0"'}
-smtps = "127.0.0.1:0"
-relay = "127.0.0.1:0"
-
-[queue]
-first_retry = "1h"
-max_retry_interval = "1h"
-
-[[route]]
-domains = ["*"]
-host = "127.0.0.1"
-port = 9
-tls = "none"
-
-[[connector]]
-name = "only-this-host"
-networks = ["127.0.0.1/32"]
-${connector}
-`;
-}
-
-async function startRelay(listen?: string, connector?: string): Promise<TestPostern> {
-  const dir = tempDir('postern-open-relay-');
-  const p = await startTestPostern({ dir, text: configText(dir, listen, connector) });
-  await p.addAccount(ACCOUNT, PASSWORD);
-  return p;
+function startRelay(submission?: string, connectorOptions?: string): Promise<TestPostern> {
+  return startHeldQueuePostern(
+    { user: ACCOUNT, password: PASSWORD },
+    { submission, networks: ['127.0.0.1/32'], defaultPolicy: true, extra: connectorOptions },
+    'postern-open-relay-',
+  );
 }
 
 let t: TestPostern;
@@ -64,16 +39,13 @@ afterAll(async () => {
   await t?.stop();
 });
 
-const opened: { destroy(): void }[] = [];
+const opened = new ConnectionTracker();
 afterEach(() => {
-  for (const c of opened.splice(0)) c.destroy();
+  opened.closeAll();
 });
 
-async function connect(port: number, options: { tls?: boolean; localAddress?: string } = {}): Promise<SmtpWire> {
-  const w = await SmtpWire.connect(port, options);
-  opened.push(w);
-  return w;
-}
+/** SmtpWire.connect, closed after the test. */
+const connect = (port: number, options: { tls?: boolean; localAddress?: string } = {}) => opened.connect(port, options);
 
 /** The queue holds nothing at all: no message, no recipient in any state. */
 async function expectNothingQueued(p: TestPostern = t): Promise<void> {
@@ -325,7 +297,7 @@ describe('the same server relays for its connector and for an account (controls)
 
   it('relays for an authenticated account on submission; a source route is dropped, not followed', async () => {
     const c = await RawSmtp.connect(t.port('submission'), { localAddress: OUTSIDER });
-    opened.push(c);
+    opened.track(c);
     await c.read();
     await c.command('EHLO device.example');
     await c.startTls();

@@ -16,9 +16,9 @@ import net from 'node:net';
 import { PassThrough } from 'node:stream';
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import { HeaderFixups } from '../src/intake/header-fixups.js';
-import { type TestPostern, startTestPostern, tempDir } from './helpers/postern-harness.js';
+import { type TestPostern, startHeldQueuePostern } from './helpers/postern-harness.js';
 import { RawSmtp } from './helpers/raw-smtp.js';
-import { SmtpWire } from './helpers/smtp-fuzz.js';
+import { ConnectionTracker, SmtpWire } from './helpers/smtp-fuzz.js';
 import { waitFor } from './helpers/wait-for.js';
 
 const ACCOUNT = 'printer@example.com';
@@ -27,52 +27,9 @@ const MB = 1024 * 1024;
 const MAX_MESSAGE_SIZE = 8 * MB;
 const RSS_BOUND_MB = 64;
 
-/**
- * A Postern whose deliveries all go to a closed loopback port (so every queued message stays in
- * the queue, deferred, and the store shows exactly what intake accepted), with a connector for
- * all of 127.0.0.0/8 on the relay port.
- */
-function configText(dir: string, limits: string): string {
-  return `hostname = "relay.example.test"
-data_dir = ${JSON.stringify(dir)}
-
-[listen]
-submission = "127.0.0.1:0"
-smtps = "127.0.0.1:0"
-relay = "127.0.0.1:0"
-
-[limits]
-max_message_size = ${MAX_MESSAGE_SIZE}
-messages_per_minute = 100000
-recipients_per_day = 10000000
-connections_per_account = 1000
-${limits}
-
-[lockout]
-account_failures = 100000
-ip_failures = 100000
-
-[queue]
-first_retry = "1h"
-max_retry_interval = "1h"
-
-[[route]]
-domains = ["*"]
-host = "127.0.0.1"
-port = 9
-tls = "none"
-
-[[connector]]
-name = "loopback"
-networks = ["127.0.0.0/8"]
-`;
-}
-
-async function startAbusePostern(limits = ''): Promise<TestPostern> {
-  const dir = tempDir('postern-abuse-');
-  const p = await startTestPostern({ dir, text: configText(dir, limits) });
-  await p.addAccount(ACCOUNT, PASSWORD);
-  return p;
+/** Deliveries held at a closed port (see heldQueueConfigText), limits out of the way. */
+function startAbusePostern(limits = ''): Promise<TestPostern> {
+  return startHeldQueuePostern({ user: ACCOUNT, password: PASSWORD }, { limits: `max_message_size = ${MAX_MESSAGE_SIZE}\n${limits}` }, 'postern-abuse-');
 }
 
 let t: TestPostern;
@@ -86,18 +43,14 @@ afterAll(async () => {
 });
 
 /** Client sockets a test opened; closed after each test even when an assertion failed midway. */
-const opened: { destroy(): void }[] = [];
+const opened = new ConnectionTracker();
 
 afterEach(() => {
-  for (const c of opened.splice(0)) c.destroy();
+  opened.closeAll();
 });
 
 /** SmtpWire.connect, closed after the test. */
-async function connect(port: number, options: { tls?: boolean; localAddress?: string } = {}): Promise<SmtpWire> {
-  const w = await SmtpWire.connect(port, options);
-  opened.push(w);
-  return w;
-}
+const connect = (port: number, options: { tls?: boolean; localAddress?: string } = {}) => opened.connect(port, options);
 
 async function queuedIds(p: TestPostern = t): Promise<string[]> {
   return (await p.postern.store.listQueue()).map((m) => m.queueId).sort();
@@ -113,7 +66,7 @@ async function body(queueId: string, p: TestPostern = t): Promise<Buffer> {
 /** STARTTLS, EHLO and AUTH PLAIN on the submission port; ready for MAIL FROM. */
 async function submissionSession(p: TestPostern = t, localAddress = '127.0.0.1'): Promise<RawSmtp> {
   const { client, greeting, auth } = await RawSmtp.submission(p.port('submission'), ACCOUNT, PASSWORD, { localAddress });
-  opened.push(client);
+  opened.track(client);
   expect(greeting.code).toBe(220);
   expect(auth.text).toMatch(/^235 /);
   return client;
@@ -160,7 +113,7 @@ async function noSessionsLeft(p: TestPostern = t): Promise<void> {
 function abuse(name: string, fn: () => Promise<void>, server: () => TestPostern = () => t): void {
   it(name, async () => {
     await boundedMemory(fn);
-    for (const c of opened.splice(0)) c.destroy();
+    opened.closeAll();
     await noSessionsLeft(server());
     await stillServing(server());
   });
@@ -575,7 +528,7 @@ describe('pipelining floods', () => {
 
   abuse('does not buffer replies for a client that floods 200,000 NOOPs and never reads them', async () => {
     const socket = net.connect({ host: '127.0.0.1', port: t.port('relay') });
-    opened.push(socket);
+    opened.track(socket);
     await new Promise<void>((resolve, reject) => {
       socket.once('connect', resolve);
       socket.once('error', reject);
@@ -746,7 +699,7 @@ describe('connection floods from one IP, max_connections_per_ip = 20', () => {
         s.on('error', () => undefined);
         s.resume();
         sockets.push(s);
-        opened.push(s);
+        opened.track(s);
       }
       await Promise.all(sockets.map((s) => new Promise((r) => (s.connecting ? s.once('connect', r).once('close', r) : r(null)))));
       const stillOpen = () => sockets.filter((s) => !s.destroyed && !s.readableEnded).length;

@@ -70,3 +70,72 @@ export async function startTestPostern(options: { extra?: string; text?: string;
     stop: () => postern.stop(),
   };
 }
+
+export interface HeldQueueOptions {
+  /** Replaces the submission listener line's value (e.g. a legacy table). */
+  submission?: string;
+  /** Networks of the single connector "loopback". */
+  networks?: string[];
+  /** Extra lines in [limits]. */
+  limits?: string;
+  /** No raised limits or lockout thresholds: the policy as shipped. */
+  defaultPolicy?: boolean;
+  /** Appended as is (e.g. connector options). */
+  extra?: string;
+}
+
+/**
+ * A Postern whose deliveries all go to a closed loopback port, retried only after an hour, so
+ * everything intake accepted stays in the queue and the store shows exactly that. Unless
+ * `defaultPolicy`, the sending limits and lockout thresholds are far out of the way, for tests
+ * that hammer the intake.
+ */
+export function heldQueueConfigText(dir: string, o: HeldQueueOptions = {}): string {
+  const policy = o.defaultPolicy
+    ? ''
+    : `messages_per_minute = 100000
+recipients_per_day = 10000000
+connections_per_account = 1000
+
+[lockout]
+account_failures = 100000
+ip_failures = 100000
+`;
+  return `hostname = "relay.example.test"
+data_dir = ${JSON.stringify(dir)}
+
+[listen]
+submission = ${o.submission ?? '"127.0.0.1:0"'}
+smtps = "127.0.0.1:0"
+relay = "127.0.0.1:0"
+
+[limits]
+${o.limits ?? ''}
+${policy}
+[queue]
+first_retry = "1h"
+max_retry_interval = "1h"
+
+[[route]]
+domains = ["*"]
+host = "127.0.0.1"
+port = 9
+tls = "none"
+
+[[connector]]
+name = "loopback"
+networks = ${JSON.stringify(o.networks ?? ['127.0.0.0/8'])}
+${o.extra ?? ''}`;
+}
+
+/** Starts a held-queue Postern in its own temp dir with one account. */
+export async function startHeldQueuePostern(
+  account: { user: string; password: string },
+  options: HeldQueueOptions = {},
+  prefix = 'postern-held-',
+): Promise<TestPostern> {
+  const dir = tempDir(prefix);
+  const p = await startTestPostern({ dir, text: heldQueueConfigText(dir, options) });
+  await p.addAccount(account.user, account.password);
+  return p;
+}

@@ -24,7 +24,14 @@ export class RawSmtp {
   static async connect(port: number, options: { tls?: boolean; host?: string; localAddress?: string } = {}): Promise<RawSmtp> {
     const host = options.host ?? '127.0.0.1';
     const socket = options.tls
-      ? tls.connect({ host, port, localAddress: options.localAddress, rejectUnauthorized: false, minVersion: 'TLSv1.2' })
+      ? tls.connect({
+          host,
+          port,
+          rejectUnauthorized: false,
+          minVersion: 'TLSv1.2',
+          // A chosen source address needs a TCP socket of our own underneath.
+          ...(options.localAddress ? { socket: net.connect({ host, port, localAddress: options.localAddress }) } : {}),
+        })
       : net.connect({ host, port, localAddress: options.localAddress });
     await new Promise<void>((resolve, reject) => {
       socket.once(options.tls ? 'secureConnect' : 'connect', () => resolve());

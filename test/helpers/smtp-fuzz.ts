@@ -585,3 +585,21 @@ export async function runLimited<T, R>(items: readonly T[], limit: number, task:
   await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
   return results;
 }
+
+/** Connections a test file opens, destroyed after each test (call closeAll from afterEach), even when an assertion failed midway. */
+export class ConnectionTracker {
+  readonly #open: { destroy(): void }[] = [];
+
+  track<T extends { destroy(): void }>(connection: T): T {
+    this.#open.push(connection);
+    return connection;
+  }
+
+  async connect(port: number, options: { tls?: boolean; localAddress?: string } = {}): Promise<SmtpWire> {
+    return this.track(await SmtpWire.connect(port, options));
+  }
+
+  closeAll(): void {
+    for (const c of this.#open.splice(0)) c.destroy();
+  }
+}
