@@ -221,4 +221,3 @@ export type ConfigInput = z.input<typeof configSchema>;
 export type ParsedConfig = z.output<typeof configSchema>;
 export type RouteConfig = ParsedConfig['route'][number];
 export type ConnectorConfig = ParsedConfig['connector'][number];
-export type ListenerName = 'submission' | 'smtps' | 'relay' | 'http';

@@ -387,7 +387,6 @@ export class Intake {
       throw smtpError('QUEUE_UNAVAILABLE');
     }
 
-    let size: number;
     const message: NewMessage = {
       queueId,
       sender,
@@ -407,8 +406,7 @@ export class Intake {
       dsnRet: (envelope.dsn?.ret as 'FULL' | 'HDRS' | null) ?? undefined,
     };
     try {
-      size = await writer.finish();
-      message.size = size;
+      message.size = await writer.finish();
       await store.enqueue(message);
     } catch (err) {
       await writer.abort().catch(() => undefined);
@@ -416,7 +414,7 @@ export class Intake {
       throw smtpError('QUEUE_UNAVAILABLE');
     }
     state?.log.info(
-      { event: 'queued', queueId, from: sender, rcpts: recipients.length, size, messageId: fixups.messageId },
+      { event: 'queued', queueId, from: sender, rcpts: recipients.length, size: message.size, messageId: fixups.messageId },
       'message queued',
     );
     if (state) this.#options.policy.queued(state, recipients.length);

@@ -90,11 +90,6 @@ export class QueueRunner {
     this.#router = new Router({ config: options.config, pool: this.#pool, resolver });
   }
 
-  /** Messages being delivered right now. */
-  get activeDeliveries(): number {
-    return this.#active.size;
-  }
-
   /** Puts work interrupted by a crash back in the queue, then starts delivering. */
   async start(): Promise<void> {
     if (this.#running || this.#stopping) return;
