@@ -411,3 +411,47 @@ for (const backend of BACKENDS) {
     });
   });
 }
+
+describe('store: sqlite write-ahead log fsync', () => {
+  // The hot paths commit at synchronous=NORMAL and fsync the WAL on the thread pool
+  // (src/store/sqlite/wal-sync.ts). These watch FileHandle.prototype.sync, which the WAL sync
+  // uses (small bodies stay inline, so no spool file is synced here).
+  async function fileHandleProto(): Promise<{ sync(): Promise<void> }> {
+    const handle = await fs.promises.open(import.meta.filename, 'r');
+    await handle.close();
+    return Object.getPrototypeOf(handle);
+  }
+
+  it('refuses an enqueue whose WAL fsync fails, and queues again once fsync works', async () => {
+    const dir = tempDir();
+    const store = await openStore(dir);
+    const proto = await fileHandleProto();
+    const spy = vi.spyOn(proto, 'sync').mockRejectedValueOnce(Object.assign(new Error('EIO: i/o error, fsync'), { code: 'EIO' }));
+    try {
+      await expect(put(store, 'Subject: lost?\r\n\r\nx\r\n')).rejects.toThrow(/EIO/);
+      expect(spy).toHaveBeenCalledTimes(1);
+      const ok = await put(store, 'Subject: kept\r\n\r\ny\r\n');
+      expect(spy).toHaveBeenCalledTimes(2);
+      expect((await store.getMessage(ok))?.sender).toBe('dev@example.com');
+    } finally {
+      spy.mockRestore();
+      await store.close();
+    }
+  });
+
+  it('shares one fsync among the enqueues of a burst', async () => {
+    const store = await openStore(tempDir());
+    const proto = await fileHandleProto();
+    const spy = vi.spyOn(proto, 'sync');
+    try {
+      await Promise.all(Array.from({ length: 100 }, (_, i) => put(store, `Subject: ${i}\r\n\r\n${i}\r\n`)));
+      // Every enqueue waited for an fsync, and the burst did not cost one each.
+      expect(spy.mock.calls.length).toBeGreaterThanOrEqual(1);
+      expect(spy.mock.calls.length).toBeLessThanOrEqual(10);
+      expect((await store.listQueue()).length).toBe(100);
+    } finally {
+      spy.mockRestore();
+      await store.close();
+    }
+  });
+});

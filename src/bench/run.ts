@@ -21,7 +21,7 @@
 // default: the config's, info), BENCH_POSTERN_NODE_ARGS (extra node flags for Postern, e.g.
 // "--max-semi-space-size=2"), BENCH_POLICY=off (`[policy] enforce = false`; by default the policy
 // runs with limits far above the load), BENCH_KEEP=1 (keep the whole temp dir; by default only the
-// results, the profile and the config are kept), BENCH_ONLY=memory|throughput (one half).
+// results, the profile and the config are kept), BENCH_ONLY=memory|throughput (one half), or quick (c=50 and end-to-end only, for iterating).
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -68,7 +68,7 @@ const settings = {
   posternNodeArgs: (process.env.BENCH_POSTERN_NODE_ARGS ?? '').split(' ').filter(Boolean),
   logLevel: process.env.BENCH_LOG_LEVEL || 'info (config default)',
   policy: envChoice('BENCH_POLICY', ['on', 'off']),
-  only: envChoice('BENCH_ONLY', ['all', 'memory', 'throughput']),
+  only: envChoice('BENCH_ONLY', ['all', 'memory', 'throughput', 'quick']),
   messageSize: MESSAGE_SIZE,
   concurrency: CONCURRENCY,
 };
@@ -167,7 +167,8 @@ async function main(): Promise<void> {
     await bench.posternLoad('submission', 'reuse', 10, { warmupMs: 0, durationMs: 2000 });
     await bench.drain();
 
-    if (settings.only !== 'throughput') {
+    const quick = settings.only === 'quick';
+    if (settings.only === 'all' || settings.only === 'memory') {
       say('35 MiB message to Postern');
       results.bigMessage.push(await bench.bigMessage('postern', postern.pid, postern.ports.submission));
       say('35 MiB message to ceiling-tls');
@@ -179,7 +180,7 @@ async function main(): Promise<void> {
     if (settings.only !== 'memory') {
       for (const port of ['submission', 'relay'] as const) {
         for (const mode of ['new', 'reuse'] as const) {
-          for (const c of CONCURRENCY) {
+          for (const c of quick ? [50] : CONCURRENCY) {
             const ceiling = port === 'submission' ? ceilingTls : ceilingPlain;
             const check = cpuCheckMs();
             results.cpuChecksMs.push(check);
@@ -199,7 +200,7 @@ async function main(): Promise<void> {
       // deliveries wait for a greeting and its queue runner stops claiming). What remains is the
       // intake alone: sessions, spool files, group commits. Each pause stays well under the
       // delivery connect timeout (30 s), and the queue drains after the sink resumes.
-      for (const port of ['submission', 'relay'] as const) {
+      for (const port of quick ? [] : (['submission', 'relay'] as const)) {
         for (const mode of ['new', 'reuse'] as const) {
           const check = cpuCheckMs();
           results.cpuChecksMs.push(check);
@@ -217,7 +218,7 @@ async function main(): Promise<void> {
           say(`  postern (intake only) ${figures.messagesPerSecond.toFixed(0)}/s, drained in ${figures.drainSeconds.toFixed(1)} s`);
         }
       }
-      for (const c of [1, 50]) {
+      for (const c of quick ? [] : [1, 50]) {
         say(`stock smtp-server new conn/msg c=${c}`);
         results.scenarios.push(await bench.scenario('stock-tls', stockTls.pid, stockTls.port, 'submission', 'new', c));
       }
@@ -225,7 +226,7 @@ async function main(): Promise<void> {
       say('end-to-end');
       results.endToEnd = await bench.endToEnd(postern.ports.submission);
 
-      if (settings.policy === 'on') {
+      if (settings.policy === 'on' && !quick) {
         // Policy overhead, in this run: a second Postern, identical but for `[policy] enforce =
         // false`, takes the same 587 loads right after the first takes them again.
         say('policy overhead: a second Postern with [policy] enforce = false');
@@ -261,7 +262,7 @@ async function main(): Promise<void> {
       }
     }
 
-    if (settings.only !== 'throughput') {
+    if (settings.only === 'all' || settings.only === 'memory') {
       const phase = settings.only === 'memory' ? 'at the end' : 'after load';
       say(`${IDLE_CONNECTIONS} idle connections to postern (${phase})`);
       results.idle.push(await bench.idle('postern', phase, postern.pid, postern.ports.submission));

@@ -1,8 +1,8 @@
 // The embedded default store: SQLite (WAL) for rows and small bodies, a file spool for big bodies.
 //
 // Durability: `enqueue` resolves only after the message's rows and its body are on disk. Rows and
-// inline bodies commit in one transaction with synchronous=FULL (the WAL is fsync'd at COMMIT); a
-// spilled body's file was fsync'd by BodyWriter.finish() and the spool directory is fsync'd before
+// inline bodies commit in one transaction, and the WAL is fsync'd after the COMMIT, off the event
+// loop (wal-sync.ts), before the promise resolves; a spilled body's file was fsync'd by BodyWriter.finish() and the spool directory is fsync'd before
 // the rows that point at it commit. Nothing the 250 depends on is in memory only.
 //
 // Group commit (group-commit.ts): `enqueue` calls arriving in the same turn of the event loop share
@@ -11,7 +11,8 @@
 //
 // Delivery bookkeeping (claimDue, recordOutcomes) commits with synchronous=NORMAL, no fsync: if a
 // power cut loses it, recipients are delivered again, never lost (see #commitOutcomes). WAL
-// commits are ordered, so the next FULL commit makes those earlier ones durable as well.
+// commits are ordered, so the next WAL fsync makes those earlier ones durable as well. Cold paths
+// (accounts, security events, queue commands) run at the connection's synchronous=FULL.
 //
 // Hot paths (enqueue, claimDue, recordOutcomes, nextDueAt, getAccount, readBody) use statements
 // prepared once on the raw better-sqlite3 handle (sqlite-statements.ts); the rest goes through
@@ -46,6 +47,7 @@ import {
 } from '../store.js';
 import { type AccountsTable, type Database, type MessagesTable, type RecipientsTable, migrationProvider } from './sqlite-schema.js';
 import { type SqliteStatements, prepareStatements } from './sqlite-statements.js';
+import { WalSync } from './wal-sync.js';
 
 const PENDING: RecipientState[] = ['queued', 'deferred'];
 const NOT_FINAL: RecipientState[] = ['queued', 'deferred', 'in_flight'];
@@ -76,10 +78,11 @@ type OutcomeEffect = 'open' | 'final_inline' | 'final_file';
 
 export async function openSqliteStore(options: SqliteStoreOptions): Promise<SqliteStore> {
   const spool = new FileSpool(path.join(options.dataDir, 'spool'));
-  const sqlite = new BetterSqlite3(path.join(options.dataDir, 'postern.db'));
+  const databaseFile = path.join(options.dataDir, 'postern.db');
+  const sqlite = new BetterSqlite3(databaseFile);
   sqlite.pragma('journal_mode = WAL');
-  // FULL: a commit is on disk when it returns; the 250 reply depends on it. The store relaxes it
-  // to NORMAL only around transactions that may be lost (see SqliteStore.#relaxed).
+  // FULL: a commit is on disk when it returns. The hot paths relax it to NORMAL and, where the
+  // commit must be durable, fsync the WAL off the event loop (see SqliteStore.#relaxed).
   sqlite.pragma('synchronous = FULL');
   sqlite.pragma('foreign_keys = ON');
   // Statement and savepoint journals (a group commit has a savepoint per message) in memory: they
@@ -103,7 +106,8 @@ export async function openSqliteStore(options: SqliteStoreOptions): Promise<Sqli
     counters.close();
     throw new Error(`store migration ${failed} failed: ${(error as Error).message ?? error}`);
   }
-  return new SqliteStore({ db, sqlite, spool, counters, inlineBodyMax: options.inlineBodyMax ?? INLINE_BODY_MAX });
+  const wal = await WalSync.open(databaseFile);
+  return new SqliteStore({ db, sqlite, spool, counters, wal, inlineBodyMax: options.inlineBodyMax ?? INLINE_BODY_MAX });
 }
 
 export class SqliteStore implements Store {
@@ -114,6 +118,8 @@ export class SqliteStore implements Store {
   readonly #sql: SqliteStatements;
   readonly #spool: FileSpool;
   readonly #counters: BetterSqlite3.Database;
+  /** fsyncs the WAL after hot-path commits, off the event loop. */
+  readonly #wal: WalSync;
   readonly #inlineBodyMax: number;
   /**
    * Bodies whose writer has finished and whose message is not enqueued yet: the bytes of an
@@ -132,12 +138,14 @@ export class SqliteStore implements Store {
     sqlite: BetterSqlite3.Database;
     spool: FileSpool;
     counters: BetterSqlite3.Database;
+    wal: WalSync;
     inlineBodyMax?: number;
   }) {
     this.#db = options.db;
     this.#sqlite = options.sqlite;
     this.#spool = options.spool;
     this.#counters = options.counters;
+    this.#wal = options.wal;
     this.#inlineBodyMax = options.inlineBodyMax ?? INLINE_BODY_MAX;
     const sql = prepareStatements(this.#sqlite);
     this.#sql = sql;
@@ -289,8 +297,18 @@ export class SqliteStore implements Store {
       }
     }
     const ready = messages.filter((_, i) => results[i] === undefined);
-    // Runs at synchronous=FULL (the connection's setting outside #relaxed): COMMIT fsyncs the WAL.
-    const committed = ready.length > 0 ? this.#enqueueBatch(ready) : [];
+    // Committed at NORMAL, then the WAL is fsync'd on the thread pool; only then do the callers
+    // hear "committed". An fsync error refuses the whole batch: its rows are in the database but
+    // may not be on disk, so the client must not get a 250 (if it sends again, the message may be
+    // delivered twice, never lost).
+    let committed = ready.length > 0 ? this.#relaxed(() => this.#enqueueBatch(ready)) : [];
+    if (committed.some((r) => r.ok)) {
+      try {
+        await this.#wal.sync();
+      } catch (err) {
+        committed = committed.map(() => ({ ok: false, error: err as Error }));
+      }
+    }
     let next = 0;
     return messages.map((m, i) => {
       const result = results[i] ?? committed[next++]!;
@@ -326,12 +344,20 @@ export class SqliteStore implements Store {
    * the WAL, and with it these frames too.
    * One exception: a message whose body is a file and whose last recipient becomes final gets its
    * file unlinked after the commit, and an unlink can reach the disk before a NORMAL commit does;
-   * the message would then come back without a body. So a batch with any file-body message runs
-   * at FULL (big messages are rare; the batch still shares one fsync).
+   * the message would then come back without a body. So when a batch finished such a message, the
+   * WAL is fsync'd before any file is unlinked.
    */
   async #commitOutcomes(calls: OutcomeCall[]): Promise<ItemResult<void>[]> {
-    const fileBodies = calls.some((c) => this.#sql.hasInlineBody.get(c.queueId) === undefined);
-    const results = fileBodies ? this.#outcomeBatch(calls) : this.#relaxed(() => this.#outcomeBatch(calls));
+    const results = this.#relaxed(() => this.#outcomeBatch(calls));
+    if (results.some((r) => r.ok && r.value === 'final_file')) {
+      // Should the fsync fail, the files stay; releaseInFlight removes those of finished messages
+      // at the next start.
+      const synced = await this.#wal.sync().then(
+        () => true,
+        () => false,
+      );
+      if (!synced) return results.map((r) => (r.ok ? { ok: true, value: undefined } : r));
+    }
     const removals: Promise<void>[] = [];
     calls.forEach((c, i) => {
       const result = results[i]!;
@@ -346,8 +372,8 @@ export class SqliteStore implements Store {
   /**
    * Runs `fn` (one transaction) with synchronous=NORMAL, then puts FULL back. The pragma may change
    * between transactions on a connection; FULL is the setting at every other moment, so every
-   * enqueue commit and every cold-path write is fsync'd. `fn` is synchronous: nothing else runs
-   * on the connection in between.
+   * cold-path write is fsync'd at COMMIT. The hot paths that need durability (enqueue) follow this
+   * with #wal.sync(). `fn` is synchronous: nothing else runs on the connection in between.
    */
   #relaxed<T>(fn: () => T): T {
     this.#sqlite.exec('PRAGMA synchronous = NORMAL');
@@ -548,6 +574,7 @@ export class SqliteStore implements Store {
     await this.#enqueues.drain();
     await this.#outcomes.drain();
     this.#finishedBodies.clear();
+    await this.#wal.close();
     await this.#db.destroy();
     this.#counters.close();
   }
