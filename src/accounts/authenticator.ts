@@ -24,6 +24,11 @@ export interface AuthenticatorOptions {
   /** How long a verified password is trusted without a new argon2 check. 0 disables the cache. */
   cacheTtlMs?: number;
   maxEntries?: number;
+  /**
+   * The password check (default: argon2id verifyPassword). Tests pass a wrapper around the real
+   * one to see that every attempt, whatever the account, costs exactly one verification.
+   */
+  verify?: (passwordHash: string, password: string) => Promise<boolean>;
 }
 
 export class Authenticator {
@@ -32,11 +37,13 @@ export class Authenticator {
   readonly #cache = new Map<string, CacheEntry>();
   readonly #ttl: number;
   readonly #maxEntries: number;
+  readonly #verify: (passwordHash: string, password: string) => Promise<boolean>;
 
   constructor(store: AccountStore, options: AuthenticatorOptions = {}) {
     this.#store = store;
     this.#ttl = options.cacheTtlMs ?? 60_000;
     this.#maxEntries = options.maxEntries ?? 10_000;
+    this.#verify = options.verify ?? verifyPassword;
   }
 
   async authenticate(username: string, password: string, now = Date.now()): Promise<AuthOutcome> {
@@ -51,8 +58,10 @@ export class Authenticator {
       fromCache = true;
     } else {
       if (cached) this.#cache.delete(key);
-      // Unknown accounts cost one argon2 verification too, so timing does not reveal which exist.
-      verified = await verifyPassword(account?.passwordHash ?? (await decoyPasswordHash()), password);
+      // Constant work per attempt: unknown accounts cost one argon2 verification too (against a
+      // decoy hash with the same parameters), and the flags are looked at only afterwards, so
+      // timing reveals neither which accounts exist nor which are disabled.
+      verified = await this.#verify(account?.passwordHash ?? (await decoyPasswordHash()), password);
       verified &&= account !== undefined;
     }
     if (!verified || !account) return { ok: false, reason: 'bad_credentials' };
