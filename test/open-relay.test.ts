@@ -168,6 +168,13 @@ describe('relay port, client outside every connector (127.0.0.9; the connector i
     w.destroy();
     await expectNothingQueued();
   });
+
+  it('stores one relay_denied security event for the outsider, however many refusals', async () => {
+    // Every test above was refused from OUTSIDER, hundreds of RCPTs in all: one stored event.
+    const events = (await t.postern.store.listSecurityEvents()).filter((e) => e.kind === 'relay_denied');
+    expect(events.map((e) => [e.ip, e.listener])).toEqual([[OUTSIDER, 'relay']]);
+    expect(events[0]!.detail.message).toMatch(new RegExp(`^Relaying denied to ${OUTSIDER.replaceAll('.', '\\.')} on relay \\(first recipient tried: `));
+  });
 });
 
 describe('submission port without AUTH (after STARTTLS)', () => {

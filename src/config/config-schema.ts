@@ -139,6 +139,9 @@ export const configSchema = z
         messages_per_minute: z.number().int().positive().default(30),
         recipients_per_day: z.number().int().positive().default(10_000),
         connections_per_account: z.number().int().positive().default(3),
+        // Bytes that must stay free in data_dir: below it new mail is refused at MAIL FROM with
+        // 452 4.3.1, so the store always has room to deliver what it holds. 0: no check.
+        min_free_space: z.number().int().nonnegative().default(100 * MB),
       })
       .prefault({}),
     lockout: z

@@ -59,6 +59,12 @@ export const SMTP_ERRORS = {
     enhanced: '4.3.0',
     text: 'Message not queued because of a local storage error; try again later',
   },
+  INSUFFICIENT_STORAGE: { code: 452, enhanced: '4.3.1', text: 'Insufficient system storage, try again later' },
+  STORE_BUSY: {
+    code: 451,
+    enhanced: '4.3.0',
+    text: 'Message not queued: the queue database is locked by another process; try again in a few minutes',
+  },
   SHUTTING_DOWN: { code: 421, enhanced: '4.3.2', text: 'Service shutting down, try again later' },
   TOO_MANY_CONNECTIONS: {
     code: 421,

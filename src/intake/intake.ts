@@ -16,11 +16,13 @@ import type { Authenticator } from '../accounts/authenticator.js';
 import type { ConnectorConfig } from '../config/config-schema.js';
 import type { Config, ListenerAddress } from '../config/load-config.js';
 import { type SmtpReplyError, smtpError } from '../errors/smtp-errors.js';
+import { storageFault, storageReply } from '../errors/storage-errors.js';
 import type { Logger } from '../observe/logger.js';
 import type { PolicySession, SessionPolicy } from '../policy/session-policy.js';
 import { newQueueId } from '../store/queue-id.js';
 import type { NewMessage, Store } from '../store/store.js';
 import { DataGuard } from './data-guard.js';
+import { FreeSpace } from './free-space.js';
 import { HeaderFixups, receivedHeader } from './header-fixups.js';
 import { NetworkList, plainIp } from './network-list.js';
 import { PosternSmtpServer } from './postern-smtp-server.js';
@@ -59,11 +61,13 @@ export class Intake {
   readonly #sessions = new Map<string, SessionState>();
   readonly #perIp = new Map<string, number>();
   readonly #connectors: { config: ConnectorConfig; networks: NetworkList }[];
+  readonly #space: FreeSpace;
   #accepting = true;
 
   constructor(options: IntakeOptions) {
     this.#options = options;
     this.#connectors = options.config.connector.map((c) => ({ config: c, networks: new NetworkList(c.networks) }));
+    this.#space = new FreeSpace(options.config.dataDir, options.config.limits.min_free_space);
   }
 
   get openSessions(): number {
@@ -288,13 +292,21 @@ export class Intake {
     if (envid && envid.length > 100) return smtpError('BAD_DSN_PARAMETER', { name: 'ENVID', max: 100 });
     // The relay port refuses outsiders per recipient (below); their MAIL is not worth a lookup.
     if (state.listener !== 'relay' || state.connector) {
+      // Like Postfix (queue_minfree, SIZE): refuse before the client sends the data, and before
+      // the policy, which may write to the store.
+      const space = await this.#space.check(declaredSize(address));
+      if (!space.ok) {
+        state.log.warn({ event: 'mail_refused', from: address.address, reason: 'disk_space', available: space.available, reserve: this.#space.reserve }, 'not enough free space in data_dir');
+        return smtpError('INSUFFICIENT_STORAGE');
+      }
       const refused = await this.#options.policy.onMail(state, address.address);
       if (refused) {
         state.log.warn({ event: 'mail_refused', from: address.address, reason: refused.errorName }, refused.message);
         return refused;
       }
     }
-    state.log.info({ event: 'mail', from: address.address, account: session.user }, 'MAIL FROM');
+    // Debug: the `queued` line carries the sender of every message that made it; refusals log their own.
+    state.log.debug({ event: 'mail', from: address.address, account: session.user }, 'MAIL FROM');
     return null;
   }
 
@@ -303,6 +315,7 @@ export class Intake {
     if (!state) return smtpError('SHUTTING_DOWN');
     if (state.listener === 'relay' && !state.connector) {
       state.log.warn({ event: 'rcpt_refused', to: address.address, reason: 'relay_denied' }, 'relaying denied');
+      await this.#options.policy.relayDenied(state, address.address);
       return smtpError('RELAY_DENIED', { ip: state.ip });
     }
     if (!isValidMailbox(address.address)) return smtpError('BAD_RECIPIENT_ADDRESS', { address: printable(address.address) });
@@ -345,8 +358,8 @@ export class Intake {
     try {
       writer = store.createBody(queueId);
     } catch (err) {
-      state?.log.error({ event: 'data_rejected', reason: 'storage', err: (err as Error).message }, 'cannot spool');
-      throw smtpError('QUEUE_UNAVAILABLE');
+      state?.log.error({ event: 'data_rejected', reason: 'storage', fault: storageFault(err), err: (err as Error).message }, 'cannot spool');
+      throw storageReply(err);
     }
     const guard = new DataGuard(config.limits.max_message_size);
     const fixups = new HeaderFixups(
@@ -383,8 +396,16 @@ export class Intake {
         state?.log.warn({ event: 'data_rejected', reason: violation.kind, offset: violation.offset }, 'bare line ending');
         throw smtpError('BARE_LINE_ENDING', { kind: violation.kind === 'bare_lf' ? 'LF' : 'CR' });
       }
-      state?.log.error({ event: 'data_rejected', reason: 'storage', err: storage.error?.message }, 'spool write failed');
-      throw smtpError('QUEUE_UNAVAILABLE');
+      state?.log.error({ event: 'data_rejected', reason: 'storage', fault: storageFault(storage.error), err: storage.error?.message }, 'spool write failed');
+      throw storageReply(storage.error);
+    }
+    // The disk may have filled up while the data came in: keep the reserve for the queue. This
+    // message's own bytes do not count (a spilled body is on disk already; an inline one is small).
+    const space = await this.#space.check(-guard.bytes);
+    if (!space.ok) {
+      await writer.abort().catch(() => undefined);
+      state?.log.error({ event: 'data_rejected', reason: 'storage', fault: 'full', available: space.available, reserve: this.#space.reserve }, 'not enough free space in data_dir');
+      throw smtpError('INSUFFICIENT_STORAGE');
     }
 
     const message: NewMessage = {
@@ -410,8 +431,8 @@ export class Intake {
       await store.enqueue(message);
     } catch (err) {
       await writer.abort().catch(() => undefined);
-      state?.log.error({ event: 'data_rejected', reason: 'storage', err: (err as Error).message }, 'queue write failed');
-      throw smtpError('QUEUE_UNAVAILABLE');
+      state?.log.error({ event: 'data_rejected', reason: 'storage', fault: storageFault(err), err: (err as Error).message }, 'queue write failed');
+      throw storageReply(err);
     }
     state?.log.info(
       { event: 'queued', queueId, from: sender, rcpts: recipients.length, size: message.size, messageId: fixups.messageId },
@@ -436,6 +457,12 @@ function isValidMailbox(address: string): boolean {
   }
   // Single-label domains are allowed: a [[route]] may serve an internal name.
   return /^(?=.{1,253}$)[\p{L}\p{N}]([\p{L}\p{N}-]{0,61}[\p{L}\p{N}])?(\.[\p{L}\p{N}]([\p{L}\p{N}-]{0,61}[\p{L}\p{N}])?)*$/u.test(domain);
+}
+
+/** The SIZE a client declared in MAIL FROM (RFC 1870), or 0. */
+function declaredSize(address: SMTPServerAddress): number {
+  const size = Number(address.args && typeof address.args.SIZE === 'string' ? address.args.SIZE : 0);
+  return Number.isSafeInteger(size) && size > 0 ? size : 0;
 }
 
 function printable(value: string): string {

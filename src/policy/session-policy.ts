@@ -29,6 +29,11 @@ export interface PolicySession {
   authFailures?: number;
 }
 
+/** One stored relay_denied event per client address in this period. */
+const RELAY_EVENT_PERIOD_MS = 15 * 60_000;
+/** Client addresses remembered for that; beyond it the oldest is forgotten. */
+const RELAY_EVENT_ADDRESSES = 10_000;
+
 export class SessionPolicy {
   readonly #config: Config;
   readonly #store: Store;
@@ -40,6 +45,8 @@ export class SessionPolicy {
   readonly #accountSessions = new Map<string, number>();
   readonly #accountNetworks = new Map<string, NetworkList>();
   readonly #seenNetworks = new Set<string>();
+  /** Client address -> when its last relay_denied event was stored (see relayDenied). */
+  readonly #relayDeniedAt = new Map<string, number>();
 
   constructor(config: Config, store: Store, events: SecurityEvents) {
     this.#config = config;
@@ -220,6 +227,34 @@ export class SessionPolicy {
       messagesPerMinute: own?.messagesPerMinute ?? s.connector?.messages_per_minute ?? this.#config.limits.messages_per_minute,
       recipientsPerDay: own?.recipientsPerDay ?? s.connector?.recipients_per_day ?? this.#config.limits.recipients_per_day,
     };
+  }
+
+  /**
+   * Someone outside every connector tried to relay. Each refusal is logged by the intake; the
+   * store gets one relay_denied event per client address per RELAY_EVENT_PERIOD_MS (with the
+   * first recipient tried), so `postern security events` shows who probes the relay port
+   * without an internet scanner's ten thousand RCPTs filling the store. Not subject to
+   * `[policy] enforce`: relay rules never are.
+   */
+  async relayDenied(s: PolicySession, recipient: string, now = Date.now()): Promise<void> {
+    const last = this.#relayDeniedAt.get(s.ip);
+    if (last !== undefined && now - last < RELAY_EVENT_PERIOD_MS) return;
+    this.#relayDeniedAt.delete(s.ip);
+    if (this.#relayDeniedAt.size >= RELAY_EVENT_ADDRESSES) {
+      // Insertion order is time order: the oldest address goes (a flood of addresses costs at
+      // most an event per new address, never unbounded memory).
+      const oldest = this.#relayDeniedAt.keys().next().value;
+      if (oldest !== undefined) this.#relayDeniedAt.delete(oldest);
+    }
+    this.#relayDeniedAt.set(s.ip, now);
+    await this.#events.record({
+      kind: 'relay_denied',
+      ip: s.ip,
+      listener: s.listener,
+      detail: {
+        message: `Relaying denied to ${s.ip} on ${s.listener} (first recipient tried: ${recipient.slice(0, 320)}); later attempts from this address in the next ${RELAY_EVENT_PERIOD_MS / 60_000} minutes are logged only`,
+      },
+    });
   }
 
   #networksOf(account: Account): NetworkList {
