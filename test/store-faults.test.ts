@@ -2,9 +2,10 @@
 // shell, a backup tool) or slow to give its lock. Postern runs as its own process, as in
 // production, and this test holds the lock with BEGIN IMMEDIATE on a connection of its own.
 //
-// What must hold: a lock held past the store's busy timeout (5 s) gets the client a temporary
+// What must hold: a lock held past the store's busy deadline (5 s) gets the client a temporary
 // `451 4.3.0` with a sentence, and nothing of the message is kept; a lock released within it only
-// delays the 250; the queue runner survives SQLITE_BUSY; once the lock is gone mail is accepted
+// delays the 250, and other clients are served meanwhile (the store waits for the lock
+// asynchronously, not on the event loop); the queue runner survives SQLITE_BUSY; once the lock is gone mail is accepted
 // and delivered again without a restart; nothing that got 250 is lost and the file stays sound.
 import fs from 'node:fs';
 import path from 'node:path';
@@ -17,7 +18,7 @@ import { tempDir } from './helpers/temp-dir.js';
 import { waitFor } from './helpers/wait-for.js';
 
 const BUSY_REPLY = '451 4.3.0 Message not queued: the queue database is locked by another process; try again in a few minutes';
-/** Long enough for a busy timeout (5 s) or two: the server's event loop waits in it. */
+/** Long enough for the store's busy deadline (5 s) or two. */
 const SLOW = 30_000;
 
 let sink: SinkServer;
@@ -141,18 +142,28 @@ describe('a SQLite file locked by another connection', () => {
     expect(sink.messages.map((m) => messageIdOf(m.text)).sort()).toEqual(['unlocked-big', 'unlocked-small']);
   });
 
-  it('waits out a lock released within the busy timeout: the client gets 250', async () => {
+  it('waits out a lock released within the busy deadline: the client gets 250, and others are served meanwhile', async () => {
     const holder = openHolder();
     let released = false;
     holder.exec('BEGIN IMMEDIATE');
-    // Released well within the store's busy timeout (5 s). The test's event loop stays free
+    // Released well within the store's busy deadline (5 s). The test's event loop stays free
     // (Postern is another process), so this runs while Postern's commit is waiting for the lock.
     const release = setTimeout(() => {
       holder.exec('ROLLBACK');
       released = true;
     }, 1500);
     try {
-      const reply = await send('slow-lock', 2_000);
+      const pending = send('slow-lock', 2_000);
+      // While that message waits for the lock, a second client is greeted and gets through EHLO
+      // and MAIL FROM before the lock is released: the wait does not hold up the event loop.
+      await new Promise((r) => setTimeout(r, 200));
+      const other = await RawSmtp.connect(server.ports.relay!);
+      expect((await other.read(SLOW)).code).toBe(220);
+      expect((await other.command('EHLO other.local')).code).toBe(250);
+      expect((await other.command('MAIL FROM:<other@lock.test>')).code).toBe(250);
+      expect(released).toBe(false);
+      await other.quit();
+      const reply = await pending;
       expect(reply).toMatch(/^250 2\.0\.0 Ok: queued as /);
       // The 250 came after the release: the commit waited for the lock instead of failing.
       expect(released).toBe(true);

@@ -88,6 +88,6 @@ export function prepareStatements(db: BetterSqlite3.Database) {
       .pluck(),
     selectAccount: db.prepare<[string], AccountsTable>('SELECT * FROM accounts WHERE address = ?'),
     // No PRAGMA here: SQLite applies `PRAGMA synchronous = ...` while preparing it, so a cached
-    // pragma statement would take effect once, at prepare time, and never again (see #relaxed in sqlite-store.ts).
+    // pragma statement would take effect once, at prepare time, and never again (see #hot in sqlite-store.ts).
   };
 }

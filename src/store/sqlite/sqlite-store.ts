@@ -52,6 +52,16 @@ import { WalSync } from './wal-sync.js';
 const PENDING: RecipientState[] = ['queued', 'deferred'];
 const NOT_FINAL: RecipientState[] = ['queued', 'deferred', 'in_flight'];
 
+/** How long a cold-path statement (accounts, security events, queue commands) waits for a lock. */
+const COLD_BUSY_TIMEOUT_MS = 5000;
+/**
+ * Hot paths (enqueue, claim, outcomes) block the event loop for at most this long per try when
+ * another process holds the write lock, then wait asynchronously and try again, until
+ * HOT_BUSY_DEADLINE_MS; after that the caller gets SQLITE_BUSY (the intake answers 451 4.3.0).
+ */
+const HOT_BUSY_TIMEOUT_MS = 10;
+const HOT_BUSY_DEADLINE_MS = 5000;
+
 /** Bodies up to this size are kept inline in the database; bigger ones spill to the spool. */
 export const INLINE_BODY_MAX = 64 * 1024;
 
@@ -82,14 +92,15 @@ export async function openSqliteStore(options: SqliteStoreOptions): Promise<Sqli
   const sqlite = new BetterSqlite3(databaseFile);
   sqlite.pragma('journal_mode = WAL');
   // FULL: a commit is on disk when it returns. The hot paths relax it to NORMAL and, where the
-  // commit must be durable, fsync the WAL off the event loop (see SqliteStore.#relaxed).
+  // commit must be durable, fsync the WAL off the event loop (see SqliteStore.#hot).
   sqlite.pragma('synchronous = FULL');
   sqlite.pragma('foreign_keys = ON');
   // Statement and savepoint journals (a group commit has a savepoint per message) in memory: they
   // are small, and as temp files they would bring back the file create/unlink churn.
   sqlite.pragma('temp_store = MEMORY');
-  // The CLI writes to the same file while the server runs.
-  sqlite.pragma('busy_timeout = 5000');
+  // The CLI writes to the same file while the server runs. Cold paths wait up to 5 s for its
+  // lock; the hot paths wait in short, asynchronous steps instead (SqliteStore.#hot).
+  sqlite.pragma(`busy_timeout = ${COLD_BUSY_TIMEOUT_MS}`);
   const db = new Kysely<Database>({ dialect: new SqliteDialect({ database: sqlite }) });
   // Lockout counters change on every failed AUTH and need not survive a power cut (a process
   // restart, yes): their own file, synchronous=NORMAL, so they never wait for an fsync.
@@ -129,8 +140,8 @@ export class SqliteStore implements Store {
   readonly #finishedBodies = new Map<string, FinishedBody>();
   readonly #enqueues: GroupCommit<NewMessage>;
   readonly #outcomes: GroupCommit<OutcomeCall>;
-  readonly #enqueueBatch: (messages: NewMessage[]) => ItemResult<void>[];
-  readonly #outcomeBatch: (calls: OutcomeCall[]) => ItemResult<OutcomeEffect>[];
+  readonly #enqueueBatch: BetterSqlite3.Transaction<(messages: NewMessage[]) => ItemResult<void>[]>;
+  readonly #outcomeBatch: BetterSqlite3.Transaction<(calls: OutcomeCall[]) => ItemResult<OutcomeEffect>[]>;
   readonly #claim: BetterSqlite3.Transaction<(now: number, limit: number) => ClaimedRows[]>;
 
   constructor(options: {
@@ -301,7 +312,7 @@ export class SqliteStore implements Store {
     // hear "committed". An fsync error refuses the whole batch: its rows are in the database but
     // may not be on disk, so the client must not get a 250 (if it sends again, the message may be
     // delivered twice, never lost).
-    let committed = ready.length > 0 ? this.#relaxed(() => this.#enqueueBatch(ready)) : [];
+    let committed = ready.length > 0 ? await this.#hot(() => this.#enqueueBatch.immediate(ready)) : [];
     if (committed.some((r) => r.ok)) {
       try {
         await this.#wal.sync();
@@ -325,7 +336,7 @@ export class SqliteStore implements Store {
     // the rows between our SELECT and UPDATE. Within this process better-sqlite3 is synchronous,
     // so two claimDue calls never interleave. Relaxed: a claim lost in a power cut only means
     // releaseInFlight would have put the recipients back anyway.
-    const claimed = this.#relaxed(() => this.#claim.immediate(now, limit));
+    const claimed = await this.#hot(() => this.#claim.immediate(now, limit));
     return claimed.map(({ message, recipients }) => toQueuedMessage(message, recipients.map(toRecipient)));
   }
 
@@ -348,7 +359,7 @@ export class SqliteStore implements Store {
    * WAL is fsync'd before any file is unlinked.
    */
   async #commitOutcomes(calls: OutcomeCall[]): Promise<ItemResult<void>[]> {
-    const results = this.#relaxed(() => this.#outcomeBatch(calls));
+    const results = await this.#hot(() => this.#outcomeBatch.immediate(calls));
     if (results.some((r) => r.ok && r.value === 'final_file')) {
       // Should the fsync fail, the files stay; releaseInFlight removes those of finished messages
       // at the next start.
@@ -370,17 +381,30 @@ export class SqliteStore implements Store {
   }
 
   /**
-   * Runs `fn` (one transaction) with synchronous=NORMAL, then puts FULL back. The pragma may change
-   * between transactions on a connection; FULL is the setting at every other moment, so every
-   * cold-path write is fsync'd at COMMIT. The hot paths that need durability (enqueue) follow this
-   * with #wal.sync(). `fn` is synchronous: nothing else runs on the connection in between.
+   * Runs `fn`, one hot-path transaction begun with BEGIN IMMEDIATE, with synchronous=NORMAL and a
+   * short busy timeout, then puts the cold-path settings back. Why:
+   * - NORMAL: COMMIT does not fsync on the event loop; the callers that need durability (enqueue)
+   *   fsync the WAL afterwards on the thread pool (wal-sync.ts). FULL is the setting at every other
+   *   moment, so every cold-path write is fsync'd at COMMIT.
+   * - IMMEDIATE plus a short busy timeout: while another process (the CLI, a backup, a person with
+   *   the sqlite3 shell) holds the write lock, the whole batch fails at BEGIN after a few ms
+   *   instead of each item blocking the event loop for 5 s; it is retried after an asynchronous
+   *   pause, so every SMTP session keeps being served meanwhile.
+   * The pragmas may change between transactions on a connection; `fn` is synchronous, so nothing
+   * else runs on the connection in between.
    */
-  #relaxed<T>(fn: () => T): T {
-    this.#sqlite.exec('PRAGMA synchronous = NORMAL');
-    try {
-      return fn();
-    } finally {
-      this.#sqlite.exec('PRAGMA synchronous = FULL');
+  async #hot<T>(fn: () => T): Promise<T> {
+    const deadline = Date.now() + HOT_BUSY_DEADLINE_MS;
+    for (let pause = 5; ; pause = Math.min(pause * 2, 100)) {
+      this.#sqlite.exec(`PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = ${HOT_BUSY_TIMEOUT_MS}`);
+      try {
+        return fn();
+      } catch (err) {
+        if (!isBusy(err) || Date.now() + pause > deadline) throw err;
+      } finally {
+        this.#sqlite.exec(`PRAGMA synchronous = FULL; PRAGMA busy_timeout = ${COLD_BUSY_TIMEOUT_MS}`);
+      }
+      await new Promise((resolve) => setTimeout(resolve, pause));
     }
   }
 
@@ -635,6 +659,12 @@ function insertMessage(sql: SqliteStatements, message: NewMessage): void {
 }
 
 /** Runs one item of a batch: its error is its own. */
+/** Another connection holds the lock: worth trying again. */
+function isBusy(err: unknown): boolean {
+  const code = (err as { code?: unknown }).code;
+  return code === 'SQLITE_BUSY' || code === 'SQLITE_LOCKED' || (typeof code === 'string' && code.startsWith('SQLITE_BUSY_'));
+}
+
 function attempt<R>(fn: () => R): ItemResult<R> {
   try {
     return { ok: true, value: fn() };
