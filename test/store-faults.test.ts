@@ -200,6 +200,36 @@ describe('a SQLite file locked by another connection', () => {
     await waitFor(() => sink.messages.some((m) => messageIdOf(m.text) === 'queued-before-lock'), 20_000, 'the queued message delivered');
   });
 
+  it('keeps a delivery result it could not write (lock past the deadline) and writes it later: no second delivery', { timeout: 60_000 }, async () => {
+    sink.behaviour = { dataDelayMs: 1500 };
+    const dataBefore = sink.events.filter((e) => e.startsWith('data ')).length;
+    const writeFailures = () => logs().filter((l) => l.event === 'store_write_failed' && l.what === 'outcomes').length;
+    const failuresBefore = writeFailures();
+    expect(await send('lock-while-delivering', 2_000)).toMatch(/^250 /);
+    accepted.push('lock-while-delivering');
+    // The sink has the data and answers 250 in 1.5 s; by then the store is locked, and stays
+    // locked past its 5 s deadline, so recording "delivered" fails at least once.
+    await waitFor(() => sink.events.filter((e) => e.startsWith('data ')).length > dataBefore, 10_000, 'the delivery under way');
+    const holder = openHolder();
+    holder.exec('BEGIN IMMEDIATE');
+    try {
+      await waitFor(() => writeFailures() > failuresBefore, 20_000, 'a delivery result refused by the lock');
+      expect(activeMessages(holder)).toBe(1);
+    } finally {
+      holder.exec('ROLLBACK');
+      holder.close();
+    }
+    sink.behaviour = {};
+    const db = openHolder();
+    try {
+      await waitFor(() => activeMessages(db) === 0, 20_000, 'the delivery result recorded');
+    } finally {
+      db.close();
+    }
+    // Delivered once: the result was kept and written, not thrown away and the mail sent again.
+    expect(sink.messages.filter((m) => messageIdOf(m.text) === 'lock-while-delivering')).toHaveLength(1);
+  });
+
   it('loses nothing and leaves a sound file', async () => {
     const db = openHolder();
     try {

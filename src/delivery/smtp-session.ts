@@ -8,8 +8,12 @@
 // Nothing here throws for a delivery problem: opening returns a failure outcome, and a transaction
 // returns one outcome per recipient, because per-recipient RCPT replies matter (one 550 and one 250
 // in the same transaction are two different results).
+//
+// A ReplyWatch reads the server's replies alongside nodemailer, for two things nodemailer does not
+// do (both found by test/delivery-faults.test.ts): a deadline per reply (command_timeout), and the
+// 421 a server sends just before it closes the connection.
 import net from 'node:net';
-import type { Readable } from 'node:stream';
+import { type Readable, Transform, pipeline } from 'node:stream';
 import mxConnect, { type MxConnection, type MxConnectError } from 'mx-connect';
 import SMTPConnection from 'nodemailer/lib/smtp-connection';
 import { type DeliveryError, deliveryError, parseReply } from './delivery-error.js';
@@ -26,7 +30,10 @@ export interface SmtpSessionOptions {
   heloName: string;
   /** Per address for TCP connect, and for the greeting + EHLO + STARTTLS setup. */
   connectTimeout: number;
-  /** Longest silence allowed while waiting for a reply. */
+  /**
+   * Longest wait for each reply: silence (nodemailer's idle timer), or a reply that comes in too
+   * slowly to complete in time (ReplyWatch). Sending the message data counts as progress.
+   */
   commandTimeout: number;
   signal?: AbortSignal;
   /** Hosts that connect but fail SMTP setup before we give up (default 5). */
@@ -60,9 +67,15 @@ interface SmtpClientError extends Error {
   rejectedErrors?: SmtpClientError[];
 }
 
-/** nodemailer keeps the per-RCPT replies on the envelope; its error paths do not always carry them. */
+/**
+ * nodemailer keeps the per-RCPT replies on the envelope; its error paths do not always carry them.
+ * `_onData` gets every chunk the server sends, after TLS; ReplyWatch wraps it. Both are internals
+ * of nodemailer 10.6 (pinned in package.json); if `_onData` goes away the watch switches itself
+ * off rather than cut healthy sessions, and test/delivery-faults.test.ts fails.
+ */
 interface ConnectionInternals {
   _envelope?: { rejectedErrors?: SmtpClientError[] } | false;
+  _onData?: (chunk: Buffer) => void;
 }
 
 export class SmtpSession {
@@ -73,14 +86,16 @@ export class SmtpSession {
   /** Transactions run on this connection, for the pool's reuse limit. */
   transactions = 0;
   readonly #connection: SMTPConnection;
+  readonly #watch: ReplyWatch;
   readonly #destination: string;
   readonly #closeTimeout: number;
   #closed = false;
   readonly #closeListeners: (() => void)[] = [];
 
   /** Use SmtpSession.open(). */
-  private constructor(connection: SMTPConnection, mx: MxConnection, options: SmtpSessionOptions) {
+  private constructor(connection: SMTPConnection, watch: ReplyWatch, mx: MxConnection, options: SmtpSessionOptions) {
     this.#connection = connection;
+    this.#watch = watch;
     this.#destination = options.destination;
     this.#closeTimeout = Math.min(options.commandTimeout, 2000);
     this.remoteMta = mx.hostname;
@@ -178,22 +193,26 @@ export class SmtpSession {
     const server = serverLabel(mx.hostname, mx.host, mx.port);
     // nodemailer emits 'error' besides calling back; an unhandled one would crash the process.
     connection.on('error', () => {});
+    const watch = new ReplyWatch(connection, options.commandTimeout);
     return new Promise((resolve) => {
       let settled = false;
       const onAbort = () => connection.close();
       const finish = (err?: SmtpClientError) => {
         if (settled) return;
         settled = true;
+        watch.end();
         options.signal?.removeEventListener('abort', onAbort);
         connection.removeListener('error', finish);
         connection.removeListener('end', onEnd);
         if (!err && !connection.destroyed) {
           // A session the caller opened is the caller's to close, including on abort.
-          resolve({ session: new SmtpSession(connection, mx, options) });
+          resolve({ session: new SmtpSession(connection, watch, mx, options) });
           return;
         }
         connection.close();
-        const error: SmtpClientError = err ?? Object.assign(new Error('connection closed during setup'), { code: 'ECONNECTION' });
+        const error: SmtpClientError = watch.explain(
+          err ?? Object.assign(new Error('connection closed during setup'), { code: 'ECONNECTION' }),
+        );
         if (options.signal?.aborted) {
           resolve({ failure: deliveryError('INTERRUPTED').toOutcome(), tlsHandshakeFailed: false });
           return;
@@ -210,6 +229,9 @@ export class SmtpSession {
       connection.once('error', finish);
       connection.once('end', onEnd);
       connection.connect((err) => finish(err as SmtpClientError | undefined));
+      // The greeting is nodemailer's to time (connect_timeout); each reply after it gets
+      // command_timeout.
+      watch.begin({ afterFirstReply: true });
     });
   }
 
@@ -222,9 +244,16 @@ export class SmtpSession {
     this.transactions++;
     return new Promise((resolve) => {
       let settled = false;
+      let counted: Transform | undefined;
       const finish = (err: SmtpClientError | null, info?: SMTPConnection.SentMessageInfo) => {
         if (settled) return;
         settled = true;
+        this.#watch.end();
+        // The transaction is over, so is the body. nodemailer does not close the stream on every
+        // path: a message over the server's SIZE is refused before MAIL FROM with the stream
+        // untouched, and its spool file stayed open for good (one descriptor per such message,
+        // test/delivery-faults.test.ts). After a success the stream has ended and this is a no-op.
+        counted?.destroy();
         this.#connection.removeListener('end', onEnd);
         resolve(err ? this.#failedTransaction(envelope, err) : this.#completedTransaction(envelope, info!));
       };
@@ -241,10 +270,21 @@ export class SmtpSession {
         return onEnd();
       }
       this.#connection.once('end', onEnd);
-      // Body problems (missing spool file) surface through the send callback as ESTREAM.
+      this.#watch.begin();
+      // The message data going out counts as progress for the reply deadline: a big message on a
+      // slow link may take longer than command_timeout to send. Body problems (missing spool file)
+      // reach nodemailer through `counted` and surface through the send callback as ESTREAM;
+      // nodemailer destroying `counted` (connection lost) closes the body, and its file, too.
+      counted = new Transform({
+        transform: (chunk, _encoding, callback) => {
+          this.#watch.progress();
+          callback(null, chunk);
+        },
+      });
+      pipeline(body, counted, () => {});
       this.#connection.send(
         { from: envelope.from, to: envelope.to, size: envelope.size, use8BitMime: true },
-        body,
+        counted,
         (err, info) => finish(err as SmtpClientError | null, info),
       );
     });
@@ -258,11 +298,13 @@ export class SmtpSession {
       const done = (ok: boolean) => {
         if (settled) return;
         settled = true;
+        this.#watch.end();
         this.#connection.removeListener('end', onEnd);
         resolve(ok);
       };
       const onEnd = () => done(false);
       this.#connection.once('end', onEnd);
+      this.#watch.begin();
       this.#connection.reset((err) => done(!err));
     });
   }
@@ -284,6 +326,7 @@ export class SmtpSession {
   #markClosed(): void {
     if (this.#closed) return;
     this.#closed = true;
+    this.#watch.end();
     for (const listener of this.#closeListeners.splice(0)) listener();
   }
 
@@ -297,7 +340,8 @@ export class SmtpSession {
     return { replies, reusable: !this.closed };
   }
 
-  #failedTransaction(envelope: TransactionEnvelope, err: SmtpClientError): TransactionResult {
+  #failedTransaction(envelope: TransactionEnvelope, failure: SmtpClientError): TransactionResult {
+    const err = this.#watch.explain(failure);
     const replies = new Map<string, DeliveryOutcome>();
     const rejectedErrors =
       err.rejectedErrors ?? ((this.#connection as unknown as ConnectionInternals)._envelope || undefined)?.rejectedErrors ?? [];
@@ -415,6 +459,7 @@ function describe(err: SmtpClientError): string {
     UPGRADE_TIMEOUT: 'TLS handshake took too long',
   };
   if (err.timeoutType && timeouts[err.timeoutType]) return timeouts[err.timeoutType]!;
+  if (err.timeoutType === REPLY_TIMEOUT) return err.message;
   // OpenSSL's "80AC...:error:0A000410:SSL routines:ssl3_read_bytes:sslv3 alert handshake failure:..."
   const openssl = /SSL routines:[^:]*:([^:]+)/.exec(err.message);
   if (openssl) return openssl[1]!.trim();
@@ -423,4 +468,136 @@ function describe(err: SmtpClientError): string {
 
 function serverLabel(hostname: string, ip: string, port: number): string {
   return hostname && hostname !== ip ? `${hostname}[${ip}]:${port}` : `[${ip}]:${port}`;
+}
+
+const REPLY_TIMEOUT = 'REPLY_TIMEOUT';
+
+/**
+ * Reads the server's replies next to nodemailer (it wraps the connection's `_onData`) for two jobs.
+ *
+ * A deadline per reply. nodemailer's socketTimeout (command_timeout) is an idle timer: any byte
+ * resets it, so a server that sends its replies one byte a second held a delivery, its connection
+ * slot and its socket for as long as it liked (an EHLO reply of 30 bytes took 30 s, and the
+ * session went on like that). While an operation waits on the server, each complete reply must
+ * now arrive within command_timeout of the previous one, or of the last chunk of message data
+ * sent. A server that sends nothing at all is still nodemailer's idle timer's to catch; this one
+ * fires only when bytes came in without completing a reply. It then closes the connection and the
+ * operation fails as TIMEOUT ("reply not complete after ..."), deferred like any other timeout.
+ *
+ * The last complete reply. With PIPELINING, nodemailer handles one queued reply per event-loop
+ * turn, so when a server answers "250, 250, 421" and closes at once, the close arrives first and the
+ * 421 was lost: the recipients got "Connection closed unexpectedly" instead of the server's own
+ * reason. A 421 means "closing the channel" whatever command it answers (RFC 5321 4.2), so when a
+ * connection is lost without a reply and the last thing the server said was a 421, that 421 is the
+ * outcome.
+ */
+class ReplyWatch {
+  /** The last complete reply, lines joined with "\n" as nodemailer does. */
+  lastReply: string | undefined;
+  /** Set when the deadline closed the connection. */
+  stalled: SmtpClientError | undefined;
+  readonly #connection: SMTPConnection;
+  readonly #timeout: number;
+  readonly #enabled: boolean;
+  #active = false;
+  #afterFirstReply = false;
+  #since = 0;
+  /** Bytes received since the last complete reply. */
+  #pending = 0;
+  #line = '';
+  #lines: string[] = [];
+  #timer: NodeJS.Timeout | undefined;
+
+  constructor(connection: SMTPConnection, timeout: number) {
+    this.#connection = connection;
+    this.#timeout = timeout;
+    const internals = connection as unknown as ConnectionInternals;
+    const onData = internals._onData;
+    this.#enabled = typeof onData === 'function';
+    if (onData) {
+      internals._onData = (chunk: Buffer) => {
+        this.#feed(chunk);
+        onData.call(connection, chunk);
+      };
+    }
+  }
+
+  /** An operation starts waiting on the server. */
+  begin(options: { afterFirstReply?: boolean } = {}): void {
+    if (!this.#enabled) return;
+    this.#active = true;
+    this.#afterFirstReply = options.afterFirstReply ?? false;
+    this.progress();
+    this.#arm(this.#timeout);
+  }
+
+  /** The operation is over (done, failed or the connection closed). */
+  end(): void {
+    this.#active = false;
+    clearTimeout(this.#timer);
+    this.#timer = undefined;
+  }
+
+  /** Something moved (a reply, message data going out): the deadline starts again. */
+  progress(): void {
+    this.#since = Date.now();
+  }
+
+  /** The error to report instead of a bare "connection lost", when there is a better one. */
+  explain(err: SmtpClientError): SmtpClientError {
+    if (this.stalled) return this.stalled;
+    const lost = err.code === 'ECONNECTION' || err.code === 'ESOCKET';
+    if (lost && !err.response && this.lastReply && /^421[ -]/.test(this.lastReply)) {
+      return Object.assign(new Error('server closed the connection'), { code: 'ECONNECTION', response: this.lastReply });
+    }
+    return err;
+  }
+
+  #feed(chunk: Buffer): void {
+    this.#pending += chunk.length;
+    for (const char of chunk.toString('latin1')) {
+      if (char !== '\n') {
+        // Enough of a line to tell its code and keep a 421's text; nodemailer bounds the rest.
+        if (this.#line.length < 1000) this.#line += char;
+        continue;
+      }
+      const line = this.#line.replace(/\r$/, '');
+      this.#line = '';
+      this.#lines.push(line);
+      if (/^\d{3}-/.test(line)) continue;
+      this.lastReply = this.#lines.join('\n');
+      this.#lines = [];
+      this.#pending = 0;
+      this.#afterFirstReply = false;
+      this.progress();
+    }
+  }
+
+  #arm(ms: number): void {
+    clearTimeout(this.#timer);
+    this.#timer = setTimeout(() => this.#check(), ms);
+  }
+
+  #check(): void {
+    this.#timer = undefined;
+    if (!this.#active || this.#connection.destroyed) return;
+    // The TLS handshake is nodemailer's to time (connect_timeout); the reply to the EHLO after it
+    // gets its own command_timeout.
+    if (this.#connection.upgrading) this.progress();
+    const waited = Date.now() - this.#since;
+    // Before the greeting and while nothing at all comes in, nodemailer's own timers
+    // (connect_timeout, command_timeout) are in charge.
+    const ours = !this.#afterFirstReply && this.#pending > 0;
+    if (waited < this.#timeout || !ours) {
+      this.#arm(waited < this.#timeout ? this.#timeout - waited : this.#timeout);
+      return;
+    }
+    const seconds = `${Math.round(this.#timeout / 100) / 10} s`;
+    this.stalled = Object.assign(
+      new Error(`reply not complete after ${seconds} (${this.#pending} bytes of it received; the server sends too slowly)`),
+      { code: 'ETIMEDOUT', timeoutType: REPLY_TIMEOUT },
+    );
+    this.end();
+    this.#connection.close();
+  }
 }

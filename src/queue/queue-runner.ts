@@ -90,6 +90,15 @@ export class QueueRunner {
     this.#router = new Router({ config: options.config, pool: this.#pool, resolver });
   }
 
+  /**
+   * Delivery rounds in progress, connection slots in use and idle connections kept open. All
+   * three go back to zero once the queue is idle (after the pool's idle timeout for the last):
+   * test/delivery-faults.test.ts checks that no network fault leaves a worker or a slot behind.
+   */
+  get activity(): { deliveries: number; connectionsInUse: number; idleConnections: number } {
+    return { deliveries: this.#active.size, connectionsInUse: this.#pool.active, idleConnections: this.#pool.idle };
+  }
+
   /** Puts work interrupted by a crash back in the queue, then starts delivering. */
   async start(): Promise<void> {
     if (this.#running || this.#stopping) return;
@@ -136,10 +145,15 @@ export class QueueRunner {
       this.#again = true;
       return;
     }
-    this.#ticking = this.#tick().finally(() => {
-      this.#ticking = undefined;
-      if (this.#again && this.#running) this.#wake();
-    });
+    // The tick waits for setImmediate: wake-ups of one turn of the event loop (a group commit of
+    // fifty enqueues, a handful of deliveries finishing) then share one claim transaction instead
+    // of one each.
+    this.#ticking = new Promise<void>((resolve) => setImmediate(resolve))
+      .then(() => this.#tick())
+      .finally(() => {
+        this.#ticking = undefined;
+        if (this.#again && this.#running) this.#wake();
+      });
   }
 
   async #tick(): Promise<void> {
@@ -254,8 +268,38 @@ export class QueueRunner {
       this.#logOutcome(message, r, entry.result, outcome, entry.target, entry.durationMs);
     }
 
-    if (bounces.length > 0) await this.#bounce(message, bounces, now);
-    await this.#store.recordOutcomes(message.queueId, outcomes, now);
+    if (bounces.length > 0) await this.#persist(message.queueId, 'bounce', () => this.#bounce(message, bounces, now));
+    await this.#persist(message.queueId, 'outcomes', () => this.#store.recordOutcomes(message.queueId, outcomes, now));
+  }
+
+  /**
+   * Writes what a delivery round found out, retrying while the store refuses (locked by another
+   * process past its busy deadline, disk full, a database restart). Giving up at once would leave
+   * the recipients in flight until the next start, or put them back in the queue, and a recipient
+   * the remote server already accepted would then get the message a second time. The round keeps
+   * its slot meanwhile, so a broken store also stops new claims. Once stop() aborts, one last try,
+   * then the error goes up (and a restart's releaseInFlight retries those recipients).
+   */
+  async #persist(queueId: string, what: 'bounce' | 'outcomes', write: () => Promise<unknown>): Promise<void> {
+    for (let pause = 500; ; pause = Math.min(pause * 2, 30_000)) {
+      try {
+        await write();
+        return;
+      } catch (err) {
+        if (this.#abort.signal.aborted) throw err;
+        this.#log.error(
+          { event: 'store_write_failed', queueId, what, err: (err as Error).message, retryMs: pause },
+          `cannot record the delivery ${what === 'bounce' ? 'bounce' : 'results'}; retrying`,
+        );
+        await new Promise<void>((resolve) => {
+          const timer = setTimeout(resolve, pause);
+          this.#abort.signal.addEventListener('abort', () => {
+            clearTimeout(timer);
+            resolve();
+          }, { once: true });
+        });
+      }
+    }
   }
 
   /** Turns a delivery result into the stored outcome: retry, expire, or final. */
