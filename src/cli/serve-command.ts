@@ -7,6 +7,10 @@ import { expiresSoon } from '../intake/tls-material.js';
 import { createLogger } from '../observe/logger.js';
 import { type Postern, startPostern } from '../postern.js';
 import { configFor } from './cli-context.js';
+import { capYoungGeneration } from './young-generation.js';
+
+/** Young generation cap for the server (both semi-spaces): see young-generation.ts. */
+const YOUNG_GENERATION_BYTES = 8 * 1024 * 1024;
 
 export function registerServeCommand(program: Command): void {
   program
@@ -21,6 +25,7 @@ export function registerServeCommand(program: Command): void {
         process.once('SIGINT', () => resolve('SIGINT'));
       });
       const postern = await startPostern(config, logger);
+      capYoungGeneration(YOUNG_GENERATION_BYTES);
       process.on('SIGHUP', () => postern.reloadTls());
       process.stderr.write(await summary(postern));
       const signal = await signalled;
