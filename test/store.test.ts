@@ -455,3 +455,14 @@ describe('store: sqlite write-ahead log fsync', () => {
     }
   });
 });
+
+describe('store: sqlite file that is not a database', () => {
+  it('refuses to open it, naming the file, and leaves it as it was', async () => {
+    const dir = tempDir();
+    const file = path.join(dir, 'postern.db');
+    const garbage = randomBytes(8192);
+    fs.writeFileSync(file, garbage);
+    await expect(openStore(dir)).rejects.toThrow(`cannot open the store ${file}: file is not a database`);
+    expect(fs.readFileSync(file).equals(garbage)).toBe(true);
+  });
+});

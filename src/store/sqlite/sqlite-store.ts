@@ -90,7 +90,13 @@ export async function openSqliteStore(options: SqliteStoreOptions): Promise<Sqli
   const spool = new FileSpool(path.join(options.dataDir, 'spool'));
   const databaseFile = path.join(options.dataDir, 'postern.db');
   const sqlite = new BetterSqlite3(databaseFile);
-  sqlite.pragma('journal_mode = WAL');
+  try {
+    // The first statement that reads the file: a damaged or foreign file fails here.
+    sqlite.pragma('journal_mode = WAL');
+  } catch (err) {
+    sqlite.close();
+    throw new Error(`cannot open the store ${databaseFile}: ${(err as Error).message}. Nothing was changed; restore it from a backup or move it away to start with an empty queue`);
+  }
   // FULL: a commit is on disk when it returns. The hot paths relax it to NORMAL and, where the
   // commit must be durable, fsync the WAL off the event loop (see SqliteStore.#hot).
   sqlite.pragma('synchronous = FULL');
