@@ -9,6 +9,7 @@ import { TlsReloader } from './intake/tls-reloader.js';
 import type { Logger } from './observe/logger.js';
 import { SecurityEvents } from './policy/security-events.js';
 import { SessionPolicy } from './policy/session-policy.js';
+import { DeliveryThread } from './queue/delivery-thread.js';
 import { QueueRunner } from './queue/queue-runner.js';
 import { openStore } from './store/open-store.js';
 import type { Store } from './store/store.js';
@@ -28,15 +29,28 @@ export interface Postern {
 export interface StartOptions {
   /** How long sessions and deliveries in progress get to finish on stop. */
   stopGraceMs?: number;
+  /**
+   * Run the queue runner in a worker thread (queue/delivery-thread.ts), as `postern serve` does.
+   * Needs the compiled code (dist/); tests that run from the TypeScript sources deliver in this
+   * thread (false, the default) and those that run `postern serve` cover the thread.
+   */
+  deliveryThread?: boolean;
+}
+
+/** What startPostern needs of the delivery side, in this thread or its own. */
+interface Deliveries {
+  start(): Promise<void>;
+  notify(): void;
+  stop(graceMs: number): Promise<void>;
 }
 
 export async function startPostern(config: Config, logger: Logger, options: StartOptions = {}): Promise<Postern> {
   const store = await openStore(config.dataDir);
   let intake: Intake | undefined;
-  let runner: QueueRunner | undefined;
+  let runner: Deliveries | undefined;
   try {
     const tls = await loadOrCreateTlsMaterial(config.tls.certFile, config.tls.keyFile, config.hostname);
-    runner = new QueueRunner({ store, config, logger });
+    runner = options.deliveryThread ? new DeliveryThread({ config, logger }) : new QueueRunner({ store, config, logger });
     await runner.start();
     const queueRunner = runner;
     const events = new SecurityEvents({ store, logger, config, onQueued: () => queueRunner.notify() });

@@ -55,11 +55,13 @@ const NOT_FINAL: RecipientState[] = ['queued', 'deferred', 'in_flight'];
 /** How long a cold-path statement (accounts, security events, queue commands) waits for a lock. */
 const COLD_BUSY_TIMEOUT_MS = 5000;
 /**
- * Hot paths (enqueue, claim, outcomes) block the event loop for at most this long per try when
- * another process holds the write lock, then wait asynchronously and try again, until
- * HOT_BUSY_DEADLINE_MS; after that the caller gets SQLITE_BUSY (the intake answers 451 4.3.0).
+ * Hot paths (enqueue, claim, outcomes) never let SQLite sleep on the event loop when another
+ * connection holds the write lock (busy_timeout 0): they wait asynchronously, 1 ms and doubling,
+ * and try again, until HOT_BUSY_DEADLINE_MS; after that the caller gets SQLITE_BUSY (the intake
+ * answers 451 4.3.0). The other connection is most often this process's own delivery thread,
+ * whose transactions take well under a millisecond.
  */
-const HOT_BUSY_TIMEOUT_MS = 10;
+const HOT_BUSY_TIMEOUT_MS = 0;
 const HOT_BUSY_DEADLINE_MS = 5000;
 
 /** Bodies up to this size are kept inline in the database; bigger ones spill to the spool. */
@@ -388,20 +390,20 @@ export class SqliteStore implements Store {
 
   /**
    * Runs `fn`, one hot-path transaction begun with BEGIN IMMEDIATE, with synchronous=NORMAL and a
-   * short busy timeout, then puts the cold-path settings back. Why:
+   * busy timeout of 0, then puts the cold-path settings back. Why:
    * - NORMAL: COMMIT does not fsync on the event loop; the callers that need durability (enqueue)
    *   fsync the WAL afterwards on the thread pool (wal-sync.ts). FULL is the setting at every other
    *   moment, so every cold-path write is fsync'd at COMMIT.
-   * - IMMEDIATE plus a short busy timeout: while another process (the CLI, a backup, a person with
-   *   the sqlite3 shell) holds the write lock, the whole batch fails at BEGIN after a few ms
-   *   instead of each item blocking the event loop for 5 s; it is retried after an asynchronous
-   *   pause, so every SMTP session keeps being served meanwhile.
+   * - IMMEDIATE and no busy timeout: while another connection (the delivery thread, the CLI, a
+   *   backup, a person with the sqlite3 shell) holds the write lock, the whole batch fails at
+   *   BEGIN at once instead of each item blocking the event loop for up to 5 s; it is retried
+   *   after an asynchronous pause, so every SMTP session keeps being served meanwhile.
    * The pragmas may change between transactions on a connection; `fn` is synchronous, so nothing
    * else runs on the connection in between.
    */
   async #hot<T>(fn: () => T): Promise<T> {
     const deadline = Date.now() + HOT_BUSY_DEADLINE_MS;
-    for (let pause = 5; ; pause = Math.min(pause * 2, 100)) {
+    for (let pause = 1; ; pause = Math.min(pause * 2, 100)) {
       this.#sqlite.exec(`PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = ${HOT_BUSY_TIMEOUT_MS}`);
       try {
         return fn();

@@ -1,0 +1,71 @@
+// The delivery side of `postern serve`, in a worker thread (see delivery-thread.ts for why): its
+// own connection to the store, the queue runner, and a logger whose lines go to the main thread,
+// which writes them with its own (one stream, whole lines, never interleaved).
+import { parentPort, workerData } from 'node:worker_threads';
+import type { Config } from '../config/load-config.js';
+import { createLogger } from '../observe/logger.js';
+import { openStore } from '../store/open-store.js';
+import type { Store } from '../store/store.js';
+import type { ToWorker, WorkerData } from './delivery-thread.js';
+import { QueueRunner } from './queue-runner.js';
+
+const port = parentPort;
+if (!port) throw new Error('delivery-worker.js runs as a worker thread of `postern serve`');
+
+const { config, logLevel } = workerData as WorkerData;
+
+// Log lines of one turn of the event loop travel together: one message to the main thread.
+let pending = '';
+const flushLogs = () => {
+  if (pending) port.postMessage({ type: 'log', text: pending });
+  pending = '';
+};
+const logger = createLogger({
+  level: logLevel,
+  destination: {
+    write(line: string) {
+      if (!pending) setImmediate(flushLogs);
+      pending += line;
+    },
+  },
+}).child({ thread: 'delivery' });
+
+let store: Store | undefined;
+let runner: QueueRunner | undefined;
+
+async function start(): Promise<void> {
+  store = await openStore((config as Config).dataDir);
+  runner = new QueueRunner({ store, config, logger });
+  await runner.start();
+}
+
+async function stop(graceMs: number): Promise<void> {
+  await runner?.stop(graceMs);
+  await store?.close();
+  flushLogs();
+}
+
+start().then(
+  () => port.postMessage({ type: 'ready' }),
+  (err: Error) => {
+    flushLogs();
+    port.postMessage({ type: 'failed', message: err.message });
+  },
+);
+
+port.on('message', (message: ToWorker) => {
+  if (message.type === 'notify') runner?.notify();
+  else if (message.type === 'stop') {
+    stop(message.graceMs).then(
+      () => {
+        port.postMessage({ type: 'stopped' });
+        port.close();
+      },
+      (err: Error) => {
+        flushLogs();
+        port.postMessage({ type: 'stopped', error: err.message });
+        port.close();
+      },
+    );
+  }
+});
