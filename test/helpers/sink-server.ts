@@ -63,6 +63,8 @@ export interface ReceivedMessage {
   /** 1-based number of the connection that carried it. */
   connection: number;
   heloName: string;
+  /** When the message data was complete (Date.now(), ms): before any dataDelayMs and the reply. */
+  receivedAt: number;
 }
 
 interface SessionState {
@@ -88,6 +90,12 @@ export class SinkServer {
   connections = 0;
   /** Every command-level event, for debugging a failing test: "connect #1", "rcpt b@x.test 550"... */
   readonly events: string[] = [];
+  /**
+   * Called the moment a message's data is complete, before the sink waits dataDelayMs and answers
+   * (it then holds the message: the client has sent it all and has no reply yet). The message
+   * joins `messages` later, as the sink answers 250 (not if it refuses the message).
+   */
+  onDataComplete: ((message: ReceivedMessage) => void) | undefined;
   readonly #server: SMTPServer;
   readonly #sessions = new Map<string, SessionState>();
   #waiters: { count: number; resolve: () => void }[] = [];
@@ -131,6 +139,11 @@ export class SinkServer {
 
   get port(): number {
     return (this.#server.server.address() as AddressInfo).port;
+  }
+
+  /** SMTP connections open now (a connection leaves this count once its socket has closed). */
+  get openConnections(): number {
+    return this.#server.connections.size;
   }
 
   /** Resolves once `count` messages in total have been received; rejects after `timeoutMs`. */
@@ -195,11 +208,9 @@ export class SinkServer {
     stream.on('end', async () => {
       this.events.push(`data ${session.envelope.rcptTo.length} rcpt`);
       if (this.behaviour.stall === 'data') return;
-      if (this.behaviour.dataDelayMs) await new Promise((r) => setTimeout(r, this.behaviour.dataDelayMs));
-      if (this.behaviour.data) return callback(replyError(this.behaviour.data));
       const raw = Buffer.concat(chunks);
       const mailFrom = session.envelope.mailFrom;
-      this.messages.push({
+      const message: ReceivedMessage = {
         from: mailFrom ? mailFrom.address : '',
         to: session.envelope.rcptTo.map((r) => r.address),
         raw,
@@ -207,7 +218,12 @@ export class SinkServer {
         secure: session.secure,
         connection: this.#state(session).connection,
         heloName: session.hostNameAppearsAs,
-      });
+        receivedAt: Date.now(),
+      };
+      this.onDataComplete?.(message);
+      if (this.behaviour.dataDelayMs) await new Promise((r) => setTimeout(r, this.behaviour.dataDelayMs));
+      if (this.behaviour.data) return callback(replyError(this.behaviour.data));
+      this.messages.push(message);
       for (const waiter of this.#waiters.filter((w) => this.messages.length >= w.count)) {
         this.#waiters = this.#waiters.filter((w) => w !== waiter);
         waiter.resolve();
