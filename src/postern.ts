@@ -45,7 +45,8 @@ interface Deliveries {
 }
 
 export async function startPostern(config: Config, logger: Logger, options: StartOptions = {}): Promise<Postern> {
-  const store = await openStore(config.dataDir);
+  // With a delivery thread, its connection checkpoints the WAL; this one keeps the SMTP sessions.
+  const store = await openStore(config.dataDir, { checkpoints: !options.deliveryThread });
   let intake: Intake | undefined;
   let runner: Deliveries | undefined;
   try {

@@ -466,3 +466,34 @@ describe('store: sqlite file that is not a database', () => {
     expect(fs.readFileSync(file).equals(garbage)).toBe(true);
   });
 });
+
+describe('store: sqlite checkpoints', () => {
+  // `postern serve` opens the intake's connection with checkpoints off (its event loop never
+  // waits for a checkpoint's fsyncs) and the delivery thread checkpoints through housekeeping().
+  // Observable from outside: until a checkpoint, new rows live in the WAL and postern.db does not
+  // grow.
+  const dbBytes = (dir: string) => fs.statSync(path.join(dir, 'postern.db')).size;
+  const burst = (store: Store) => Promise.all(Array.from({ length: 1500 }, (_, i) => put(store, `Subject: ${i}\r\n\r\n${'x'.repeat(4000)}\r\n`)));
+
+  it('with checkpoints off, the WAL keeps the rows until housekeeping() copies them in', async () => {
+    const dir = tempDir();
+    const store = await openStore(dir, { checkpoints: false });
+    const before = dbBytes(dir);
+    await burst(store);
+    // Far past SQLite's automatic checkpoint (1,000 pages, ~4 MB), and still all in the WAL.
+    expect(fs.statSync(path.join(dir, 'postern.db-wal')).size).toBeGreaterThan(6_000_000);
+    expect(dbBytes(dir)).toBe(before);
+    await store.housekeeping?.();
+    expect(dbBytes(dir)).toBeGreaterThan(before + 6_000_000);
+    await store.close();
+  });
+
+  it('with checkpoints on (the default), SQLite checkpoints by itself', async () => {
+    const dir = tempDir();
+    const store = await openStore(dir);
+    const before = dbBytes(dir);
+    await burst(store);
+    expect(dbBytes(dir)).toBeGreaterThan(before + 2_000_000);
+    await store.close();
+  });
+});

@@ -30,16 +30,25 @@ const logger = createLogger({
   },
 }).child({ thread: 'delivery' });
 
+/** How often the store gets its upkeep (SQLite: a WAL checkpoint), see Store.housekeeping. */
+const HOUSEKEEPING_MS = 5000;
+
 let store: Store | undefined;
 let runner: QueueRunner | undefined;
+let housekeeping: NodeJS.Timeout | undefined;
 
 async function start(): Promise<void> {
   store = await openStore((config as Config).dataDir);
   runner = new QueueRunner({ store, config, logger });
   await runner.start();
+  const upkeep = store;
+  housekeeping = setInterval(() => {
+    upkeep.housekeeping?.().catch((err: Error) => logger.warn({ event: 'housekeeping_error', err: err.message }, 'store upkeep failed'));
+  }, HOUSEKEEPING_MS);
 }
 
 async function stop(graceMs: number): Promise<void> {
+  clearInterval(housekeeping);
   await runner?.stop(graceMs);
   await store?.close();
   flushLogs();

@@ -210,6 +210,11 @@ export interface AccountStore {
 }
 
 export interface QueueStore {
+  /**
+   * Periodic upkeep, called by the queue runner's side every few seconds (SQLite: checkpoint the
+   * write-ahead log when it has grown, since the intake's connection leaves that to this one).
+   */
+  housekeeping?(): Promise<void>;
   /** A writer for a new message body. Nothing is queued until `enqueue`. */
   createBody(queueId: string): BodyWriter;
   readBody(queueId: string): Readable;

@@ -72,6 +72,8 @@ export interface SqliteStoreOptions {
   dataDir: string;
   /** Largest body kept inline in the database, in bytes (default INLINE_BODY_MAX). */
   inlineBodyMax?: number;
+  /** Checkpoint the WAL automatically from this connection (default true; see open-store.ts). */
+  checkpoints?: boolean;
 }
 
 interface OutcomeCall {
@@ -103,6 +105,8 @@ export async function openSqliteStore(options: SqliteStoreOptions): Promise<Sqli
   // commit must be durable, fsync the WAL off the event loop (see SqliteStore.#hot).
   sqlite.pragma('synchronous = FULL');
   sqlite.pragma('foreign_keys = ON');
+  // 0: this connection never checkpoints; another one (the delivery thread's) does.
+  if (options.checkpoints === false) sqlite.pragma('wal_autocheckpoint = 0');
   // Statement and savepoint journals (a group commit has a savepoint per message) in memory: they
   // are small, and as temp files they would bring back the file create/unlink churn.
   sqlite.pragma('temp_store = MEMORY');
@@ -599,6 +603,16 @@ export class SqliteStore implements Store {
       duration: options.duration,
       blockDuration: options.blockDuration ?? 0,
     });
+  }
+
+  /**
+   * Checkpoints the WAL: SQLite's automatic checkpoint only runs when this connection commits, and
+   * the delivery side may sit idle while the intake (which does not checkpoint, see open-store.ts)
+   * keeps writing. PASSIVE never waits for other readers or writers; what it cannot copy now, the
+   * next call does. With nothing new in the WAL it costs next to nothing.
+   */
+  async housekeeping(): Promise<void> {
+    this.#sqlite.pragma('wal_checkpoint(PASSIVE)');
   }
 
   async close(): Promise<void> {
