@@ -15,11 +15,21 @@ export interface SpaceCheck {
   available: number | null;
 }
 
+/**
+ * With this much more than the reserve free, an answer is reused for up to REUSE_MS: two statfs
+ * calls per message were 4% of the intake's CPU under load, and no disk fills by 256 MiB in a
+ * second. Closer to the reserve every check asks the file system again.
+ */
+const HEADROOM_BYTES = 256 * 1024 * 1024;
+const REUSE_MS = 1000;
+
 export class FreeSpace {
   readonly dir: string;
   readonly reserve: number;
   /** One statfs at a time: callers that arrive while it runs share its answer. */
   #pending: Promise<number | null> | undefined;
+  /** The last answer with plenty of headroom, and when it came. */
+  #roomy: { available: number; at: number } | undefined;
 
   constructor(dir: string, reserve: number) {
     this.dir = dir;
@@ -38,11 +48,16 @@ export class FreeSpace {
     return { ok: available >= this.reserve + size, available };
   }
 
-  available(): Promise<number | null> {
+  available(now = Date.now()): Promise<number | null> {
+    if (this.#roomy && now - this.#roomy.at < REUSE_MS) return Promise.resolve(this.#roomy.available);
     this.#pending ??= fsp
       .statfs(this.dir)
       .then(
-        (s) => s.bavail * s.bsize,
+        (s) => {
+          const available = s.bavail * s.bsize;
+          this.#roomy = available - this.reserve >= HEADROOM_BYTES ? { available, at: Date.now() } : undefined;
+          return available;
+        },
         () => null,
       )
       .finally(() => {
