@@ -5,6 +5,9 @@ import net from 'node:net';
 import path from 'node:path';
 import nodemailer from 'nodemailer';
 import { afterAll, describe, expect, it } from 'vitest';
+import { openStore } from '../src/store/open-store.js';
+import { newQueueId } from '../src/store/queue-id.js';
+import { RawSmtp } from './helpers/raw-smtp.js';
 import { BIN, killAllServeProcesses, startServeProcess } from './helpers/serve-process.js';
 import { tempDir } from './helpers/temp-dir.js';
 
@@ -28,6 +31,38 @@ ${extra}`,
 }
 
 afterAll(() => killAllServeProcesses());
+
+interface AuditJson {
+  id: number;
+  at: string;
+  actor: string;
+  action: string;
+  target: string;
+  detail: Record<string, unknown>;
+}
+
+/** Queues a message straight into the store of a Postern that is not running. */
+async function seedMessage(dataDir: string, sender: string, recipients: string[]): Promise<string> {
+  const store = await openStore(dataDir);
+  try {
+    const at = Date.now();
+    const queueId = newQueueId(at);
+    const writer = store.createBody(queueId);
+    writer.stream.end('Subject: held\r\n\r\nbody\r\n');
+    await store.enqueue({
+      queueId,
+      sender,
+      recipients: recipients.map((address) => ({ address })),
+      size: await writer.finish(),
+      receivedAt: at,
+      expiresAt: at + 5 * 86_400_000,
+      origin: { sessionId: 'seeded', listener: 'submission', clientIp: '127.0.0.1', account: sender },
+    });
+    return queueId;
+  } finally {
+    await store.close();
+  }
+}
 
 const serve = (cwd: string) => startServeProcess({ cwd });
 
@@ -58,9 +93,21 @@ describe('postern account', () => {
     expect(dup.status).toBe(2);
     expect(dup.stderr).toMatch(/already exists/);
 
-    const removed = run(['account', 'remove', 'printer@example.com'], { cwd: dir });
+    const removed = run(['account', 'remove', 'Printer@Example.com'], { cwd: dir });
     expect(removed.stdout).toBe('Account printer@example.com removed.\n');
     expect(run(['account', 'show', 'printer@example.com'], { cwd: dir }).status).toBe(2);
+    const again = run(['account', 'remove', 'printer@example.com'], { cwd: dir });
+    expect([again.status, again.stderr]).toEqual([2, 'postern: no account printer@example.com\n']);
+
+    // Every change is on record, the removal included (once: the failed second attempt changed nothing).
+    const audit = JSON.parse(run(['security', 'audit', '--json'], { cwd: dir }).stdout) as AuditJson[];
+    expect(audit.map((a) => [a.action, a.target])).toEqual([
+      ['account.add', 'printer@example.com'],
+      ['account.set', 'printer@example.com'],
+      ['account.remove', 'printer@example.com'],
+    ]);
+    expect(audit[2]!.actor).toMatch(/^cli:\S+$/);
+    expect(audit[2]!.detail).toEqual({});
   });
 
   it('reads a password from stdin and refuses a short one', () => {
@@ -189,5 +236,111 @@ describe('account policy and the audit log', () => {
     expect(audit.find((a) => a.target === 'cam@example.com')?.detail).toMatchObject({ policy: { recipientDomains: ['example.com'] } });
     expect(JSON.stringify(audit)).not.toMatch(/argon2|Password:/);
     expect(run(['security', 'events'], { cwd: dir }).stdout).toMatch(/^No security events since /);
+  });
+});
+
+describe('postern queue retry and delete are audited', () => {
+  it('records who retried or deleted what, and nothing for a queue id that does not exist', async () => {
+    const dir = tempDir();
+    writeConfig(dir);
+    const data = path.join(dir, 'data');
+    const first = await seedMessage(data, 'app@example.com', ['a@example.net', 'b@example.net']);
+    const second = await seedMessage(data, 'app@example.com', ['c@example.net']);
+
+    expect(run(['queue', 'retry', first], { cwd: dir }).stdout).toBe('2 recipient(s) scheduled for delivery now.\n');
+    expect(run(['queue', 'retry', '--all'], { cwd: dir }).stdout).toBe('3 recipient(s) scheduled for delivery now.\n');
+    expect(run(['queue', 'delete', second], { cwd: dir }).stdout).toBe(`Message ${second} deleted.\n`);
+    const missing = run(['queue', 'delete', second], { cwd: dir });
+    expect([missing.status, missing.stderr]).toEqual([2, `postern: no message ${second} in the queue\n`]);
+    expect(run(['queue', 'retry', 'NOSUCHID'], { cwd: dir }).status).toBe(2);
+
+    const audit = JSON.parse(run(['security', 'audit', '--json'], { cwd: dir }).stdout) as AuditJson[];
+    expect(audit.map((a) => [a.action, a.target, a.detail])).toEqual([
+      ['queue.retry', first, { recipients: 2 }],
+      ['queue.retry', 'all', { recipients: 3 }],
+      [
+        'queue.delete',
+        second,
+        { sender: 'app@example.com', recipients: ['c@example.net'], pending: 1, account: 'app@example.com', received: expect.stringMatching(/^\d{4}-\d\d-\d\dT/) },
+      ],
+    ]);
+    for (const a of audit) expect(a.actor).toMatch(/^cli:\S+$/);
+    const table = run(['security', 'audit'], { cwd: dir }).stdout;
+    expect(table).toMatch(/^TIME\s+WHO\s+ACTION\s+TARGET\s+DETAIL\n/);
+    expect(table).toMatch(new RegExp(`\\n\\S+ \\S+\\s+cli:\\S+\\s+queue\\.delete\\s+${second}\\s+\\{"sender":"app@example\\.com"`));
+  });
+});
+
+describe('postern security events', () => {
+  it('lists real events from a running Postern, as a table and as JSON, and filters them with --since', async () => {
+    const dir = tempDir();
+    writeConfig(dir);
+    const server = await serve(dir);
+    for (const user of ['printer@example.com', 'ghost@example.com']) {
+      const { client, auth } = await RawSmtp.submission(server.ports.submission!, user, 'wrong password');
+      expect(auth.text).toBe('535 5.7.8 Authentication unsuccessful, the username or password is wrong');
+      client.destroy();
+    }
+    expect(await server.stop()).toBe(0);
+    // One older event, written the way Postern writes them.
+    const store = await openStore(path.join(dir, 'data'));
+    await store.recordSecurityEvent({
+      kind: 'lockout',
+      account: 'old@example.com',
+      ip: '192.0.2.7',
+      listener: 'submission',
+      detail: { message: 'AUTH locked for account old@example.com for 15 min after repeated failures', by: 'account' },
+      at: Date.now() - 3 * 86_400_000,
+    });
+    await store.close();
+
+    const table = run(['security', 'events'], { cwd: dir });
+    expect(table.status).toBe(0);
+    const lines = table.stdout.trimEnd().split('\n');
+    expect(lines[0]).toMatch(/^TIME\s+KIND\s+ACCOUNT\s+ADDRESS\s+LISTENER\s+WHAT$/);
+    expect(lines.slice(1)).toHaveLength(2);
+    expect(lines[1]).toMatch(/^\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ\s+auth_failed\s+printer@example\.com\s+127\.0\.0\.1\s+submission\s+Failed AUTH for printer@example\.com from 127\.0\.0\.1 on submission$/);
+    expect(lines[2]).toMatch(/\s+auth_failed\s+ghost@example\.com\s+127\.0\.0\.1\s+submission\s+Failed AUTH for ghost@example\.com from 127\.0\.0\.1 on submission$/);
+    expect(table.stdout).not.toContain('old@example.com');
+    expect(table.stdout).not.toContain('wrong password');
+
+    const json = JSON.parse(run(['security', 'events', '--json'], { cwd: dir }).stdout) as Record<string, unknown>[];
+    expect(json).toEqual([
+      {
+        id: expect.any(Number),
+        at: expect.stringMatching(/^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/),
+        kind: 'auth_failed',
+        account: 'printer@example.com',
+        ip: '127.0.0.1',
+        listener: 'submission',
+        detail: { message: 'Failed AUTH for printer@example.com from 127.0.0.1 on submission', reason: 'bad_credentials' },
+      },
+      {
+        id: expect.any(Number),
+        at: expect.any(String),
+        kind: 'auth_failed',
+        account: 'ghost@example.com',
+        ip: '127.0.0.1',
+        listener: 'submission',
+        detail: { message: 'Failed AUTH for ghost@example.com from 127.0.0.1 on submission', reason: 'bad_credentials' },
+      },
+    ]);
+    expect(Date.now() - Date.parse(json[0]!.at as string)).toBeLessThan(3_600_000);
+
+    const kinds = (since: string) =>
+      (JSON.parse(run(['security', 'events', '--since', since, '--json'], { cwd: dir }).stdout) as { kind: string; account: string }[]).map((e) => `${e.kind} ${e.account}`);
+    expect(kinds('30m')).toEqual(['auth_failed printer@example.com', 'auth_failed ghost@example.com']);
+    expect(kinds('2d')).toEqual(['auth_failed printer@example.com', 'auth_failed ghost@example.com']);
+    expect(kinds('4d')).toEqual(['lockout old@example.com', 'auth_failed printer@example.com', 'auth_failed ghost@example.com']);
+    expect(kinds('all')).toEqual(kinds('4d'));
+    expect(run(['security', 'events', '--since', '4d'], { cwd: dir }).stdout).toMatch(
+      /\s+lockout\s+old@example\.com\s+192\.0\.2\.7\s+submission\s+AUTH locked for account old@example\.com for 15 min after repeated failures\n/,
+    );
+    const bad = run(['security', 'events', '--since', '2x'], { cwd: dir });
+    expect([bad.status, bad.stdout, bad.stderr]).toEqual([2, '', 'postern: --since takes a duration such as 30m, 12h or 7d (or "all"), not "2x"\n']);
+    // A period with nothing in it says so, naming when it starts.
+    const fresh = tempDir();
+    writeConfig(fresh);
+    expect(run(['security', 'events', '--since', '12h'], { cwd: fresh }).stdout).toMatch(/^No security events since \d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ\.\n$/);
   });
 });

@@ -4,7 +4,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
-import { RawSmtp } from './helpers/raw-smtp.js';
+import { RawSmtp, type Reply } from './helpers/raw-smtp.js';
 import { type TestPostern, startTestPostern } from './helpers/postern-harness.js';
 
 const PASSWORD = 'correct horse battery staple';
@@ -255,6 +255,113 @@ describe('bare line endings (SMTP smuggling, CVE-2023-51764)', () => {
     const reply = await c.read();
     expect(reply.code).toBe(250);
     await c.quit();
+  });
+});
+
+describe('header section size', () => {
+  // HeaderFixups buffers the header section (up to 256 KiB) so that the header policy (send-as)
+  // sees all of it. A larger one used to be passed on without the policy: a forged From placed
+  // after the first 256 KiB went through. Now it is refused, however the bytes arrive.
+  const MAX = 256 * 1024;
+  const TOO_BIG = '552 5.3.4 Header section too large: at most 262144 bytes of header fields are accepted. Send fewer or shorter header fields';
+  let big: TestPostern;
+  beforeAll(async () => {
+    big = await startTestPostern({ extra: '\n[limits]\nmax_message_size = 4194304\n\n[delivery]\ndns_servers = ["127.0.0.1:9"]\n' });
+    await big.addAccount('printer@example.com', PASSWORD);
+  });
+  afterAll(() => big?.stop());
+
+  /** A header section of exactly `size` bytes (CRLFs included, blank line not) ending with `last`. */
+  function headerSection(size: number, last: string): string {
+    const end = `${last}\r\n`;
+    const lines: string[] = ['Subject: big headers\r\n'];
+    let used = lines[0]!.length + end.length;
+    let i = 0;
+    while (size - used > 200) {
+      const line = `X-Filler-${String(i++).padStart(5, '0')}: ${'h'.repeat(80)}\r\n`;
+      lines.push(line);
+      used += line.length;
+    }
+    const pad = size - used - 'X-Pad: \r\n'.length;
+    lines.push(`X-Pad: ${'p'.repeat(pad)}\r\n`, end);
+    const text = lines.join('');
+    expect(text.length).toBe(size);
+    return text;
+  }
+
+  async function bigSession(): Promise<RawSmtp> {
+    const { client, auth } = await RawSmtp.submission(big.port('submission'), 'printer@example.com', PASSWORD);
+    expect(auth.code).toBe(235);
+    expect((await client.command('MAIL FROM:<printer@example.com>')).code).toBe(250);
+    expect((await client.command('RCPT TO:<a@example.net>')).code).toBe(250);
+    return client;
+  }
+
+  /** DATA in pieces of 16 KiB, each written after the previous one was flushed to the socket. */
+  async function dataInPieces(c: RawSmtp, message: string): Promise<Reply> {
+    expect((await c.command('DATA')).code).toBe(354);
+    const bytes = Buffer.from(`${message}.\r\n`, 'latin1');
+    for (let at = 0; at < bytes.length; at += 16 * 1024) {
+      c.write(bytes.subarray(at, at + 16 * 1024));
+      await new Promise((r) => setTimeout(r, 2));
+    }
+    return c.read();
+  }
+
+  const stored = async () => (await big.postern.store.usageSince({ account: 'printer@example.com' }, 0)).messages;
+
+  it('refuses a header section over 256 KiB sent in pieces, with a forged From past the buffer, and queues nothing', async () => {
+    const before = await stored();
+    const spool = fs.readdirSync(path.join(big.dir, 'spool'));
+    const c = await bigSession();
+    const reply = await dataInPieces(c, `${headerSection(300 * 1024, 'From: CEO <ceo@example.com>')}\r\nbody\r\n`);
+    expect(reply.text).toBe(TOO_BIG);
+    expect(await stored()).toBe(before);
+    expect(fs.readdirSync(path.join(big.dir, 'spool'))).toEqual(spool);
+    // The session goes on.
+    expect((await c.command('MAIL FROM:<printer@example.com>')).code).toBe(250);
+    await c.quit();
+  });
+
+  it('refuses a message that is all headers (no blank line) over 256 KiB', async () => {
+    const before = await stored();
+    const c = await bigSession();
+    expect((await dataInPieces(c, headerSection(MAX + 1024, 'X-Last: 1'))).text).toBe(TOO_BIG);
+    await c.quit();
+    expect(await stored()).toBe(before);
+  });
+
+  it('accepts exactly 256 KiB of header fields and refuses one byte more', async () => {
+    const before = await stored();
+    const c = await bigSession();
+    const ok = await dataInPieces(c, `${headerSection(MAX, 'From: printer@example.com')}\r\nbody\r\n`);
+    expect(ok.text).toMatch(/^250 2\.0\.0 Ok: queued as \S+$/);
+    await c.command('MAIL FROM:<printer@example.com>');
+    await c.command('RCPT TO:<a@example.net>');
+    expect((await dataInPieces(c, `${headerSection(MAX + 1, 'From: printer@example.com')}\r\nbody\r\n`)).text).toBe(TOO_BIG);
+    await c.quit();
+    expect(await stored()).toBe(before + 1);
+  });
+
+  it('checks the From at the very end of a 256 KiB header section', async () => {
+    const before = await stored();
+    const c = await bigSession();
+    const reply = await dataInPieces(c, `${headerSection(MAX, 'From: ceo@example.com')}\r\nbody\r\n`);
+    expect(reply.text).toBe('550 5.7.60 SendAsDenied; printer@example.com is not allowed to send as ceo@example.com');
+    await c.quit();
+    expect(await stored()).toBe(before);
+  });
+
+  it('refuses it on the relay port too (a connector has no header policy, but the limit is the same)', async () => {
+    const before = (await big.postern.store.usageSince({ clientIp: '127.0.0.1' }, 0)).messages;
+    const c = await RawSmtp.connect(big.port('relay'), { localAddress: '127.0.0.1' });
+    await c.read();
+    await c.command('EHLO device.local');
+    await c.command('MAIL FROM:<alarm@example.com>');
+    await c.command('RCPT TO:<ops@example.net>');
+    expect((await dataInPieces(c, `${headerSection(MAX + 100, 'X-Last: 1')}\r\nbody\r\n`)).text).toBe(TOO_BIG);
+    await c.quit();
+    expect((await big.postern.store.usageSince({ clientIp: '127.0.0.1' }, 0)).messages).toBe(before);
   });
 });
 

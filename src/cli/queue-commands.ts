@@ -1,7 +1,9 @@
 // `postern queue list|show|retry|delete`: look at what waits for delivery and act on it. Works on
 // the store directly, so a running server picks the change up at its next scheduling tick.
+// `retry` and `delete` change what is delivered: each writes an audit entry (who, what), like the
+// account commands.
 import type { Command } from 'commander';
-import { UsageError, formatTime, printJson, printTable, withStore } from './cli-context.js';
+import { UsageError, actor, formatTime, printJson, printTable, withStore } from './cli-context.js';
 
 export function registerQueueCommands(program: Command): void {
   const queue = program.command('queue').description('inspect and act on the delivery queue');
@@ -77,7 +79,9 @@ export function registerQueueCommands(program: Command): void {
       if (!queueId && !opts.all) throw new UsageError('give a queue id, or --all for every pending message');
       const touched = await withStore(cmd, async (store) => {
         if (queueId && !(await store.getMessage(queueId))) throw new UsageError(`no message ${queueId} in the queue`);
-        return store.retryNow(queueId, Date.now());
+        const n = await store.retryNow(queueId, Date.now());
+        await store.recordAudit({ actor: actor(), action: 'queue.retry', target: queueId ?? 'all', detail: { recipients: n } });
+        return n;
       });
       process.stdout.write(`${touched} recipient(s) scheduled for delivery now.\n`);
     });
@@ -86,7 +90,24 @@ export function registerQueueCommands(program: Command): void {
     .command('delete <queueId>')
     .description('remove a message from the queue without delivering it (no bounce is sent)')
     .action(async (queueId: string, _opts: unknown, cmd: Command) => {
-      const deleted = await withStore(cmd, (store) => store.deleteMessage(queueId));
+      const deleted = await withStore(cmd, async (store) => {
+        // What was thrown away, for the record: the envelope, never the content.
+        const message = await store.getMessage(queueId);
+        if (!message || !(await store.deleteMessage(queueId))) return false;
+        await store.recordAudit({
+          actor: actor(),
+          action: 'queue.delete',
+          target: queueId,
+          detail: {
+            sender: message.sender,
+            recipients: message.recipients.map((r) => r.address),
+            pending: message.recipients.filter((r) => r.state !== 'delivered' && r.state !== 'failed').length,
+            account: message.origin.account ?? null,
+            received: new Date(message.receivedAt).toISOString(),
+          },
+        });
+        return true;
+      });
       if (!deleted) throw new UsageError(`no message ${queueId} in the queue`);
       process.stdout.write(`Message ${queueId} deleted.\n`);
     });

@@ -22,6 +22,8 @@ export function registerSecurityCommands(program: Command): void {
     .option('--json', 'machine-readable output')
     .action(async (opts: { since: string; json?: boolean }, cmd: Command) => {
       const events = await withStore(cmd, (store) => store.listSecurityEvents({ since: since(opts.since, 86_400_000) }));
+      // Oldest first by time (the store lists by insertion; an event may carry an earlier time).
+      events.sort((a, b) => a.at - b.at || a.id - b.id);
       if (opts.json) return printJson(events.map((e) => ({ ...e, at: new Date(e.at).toISOString() })));
       if (events.length === 0) {
         process.stdout.write(`No security events since ${opts.since === 'all' ? 'the start' : formatTime(since(opts.since, 0))}.\n`);

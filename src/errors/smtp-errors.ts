@@ -49,6 +49,16 @@ export const SMTP_ERRORS = {
     enhanced: '5.3.4',
     text: 'Message size exceeds fixed maximum message size of {max} bytes',
   },
+  HEADER_TOO_BIG: {
+    code: 552,
+    enhanced: '5.3.4',
+    text: 'Header section too large: at most {max} bytes of header fields are accepted. Send fewer or shorter header fields',
+  },
+  HEADER_REPEATED: {
+    code: 550,
+    enhanced: '5.6.0',
+    text: 'The message has {count} {name} header fields; RFC 5322 allows one. Fix the client so it writes a single {name}',
+  },
   BARE_LINE_ENDING: {
     code: 550,
     enhanced: '5.6.11',

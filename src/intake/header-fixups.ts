@@ -1,13 +1,15 @@
 // Submission fix-ups (RFC 6409 section 8): prepend a Received trace header and add Message-ID and
-// Date when the client left them out (many devices do). Only the header block is buffered, and only
-// up to a bound: a message whose headers never end within it is passed on with the Received header
-// alone rather than held in memory.
+// Date when the client left them out (many devices do), after the header policy (send-as) has seen
+// every header field. Only the header block is buffered, and only up to a bound, 256 KiB like
+// Exchange Online's header limit: a header section larger than that is refused (552 5.3.4), never
+// passed on unchecked, since the policy could not see all of it.
 import { randomBytes } from 'node:crypto';
 import { Transform, type TransformCallback } from 'node:stream';
-import type { SmtpReplyError } from '../errors/smtp-errors.js';
+import { type SmtpReplyError, smtpError } from '../errors/smtp-errors.js';
 import { formatRfc5322Date } from '../mail/rfc5322-date.js';
 
-const MAX_HEADER_BLOCK = 256 * 1024;
+/** The largest header section accepted, in bytes (header fields with their CRLFs, not the blank line). */
+export const MAX_HEADER_BLOCK = 256 * 1024;
 const HEADER_END = Buffer.from('\r\n\r\n');
 
 export interface ReceivedInfo {
@@ -46,9 +48,12 @@ export interface HeaderDecision {
   rewriteFrom?: string;
 }
 
-/** Header values by lower-case name, unfolded (first occurrence; all of them under `all`). */
+/** Header values by name (any case), unfolded. */
 export interface HeaderView {
+  /** The first occurrence. */
   get(name: string): string | undefined;
+  /** Every occurrence, in order (a message may repeat a field, From included). */
+  all(name: string): string[];
 }
 
 export class HeaderFixups extends Transform {
@@ -93,7 +98,8 @@ export class HeaderFixups extends Transform {
     if (this.#head.length < 2) this.#head = Buffer.concat([this.#head, chunk.subarray(0, 2 - this.#head.length)]);
     const startsBlank = this.#head.length >= 2 && this.#head[0] === 0x0d && this.#head[1] === 0x0a;
     const end = startsBlank ? 0 : hit === -1 ? -1 : start - (window.length - chunk.length) + hit;
-    if (end === -1 && this.#buffered < MAX_HEADER_BLOCK) return callback();
+    // A header section of MAX_HEADER_BLOCK bytes ends with the blank line by byte MAX + 2.
+    if (end === -1 && this.#buffered < MAX_HEADER_BLOCK + 2) return callback();
     const all = Buffer.concat(this.#buffer);
     this.#release(all, end === -1 ? null : all.subarray(0, end + 2));
     callback();
@@ -111,32 +117,40 @@ export class HeaderFixups extends Transform {
   #release(all: Buffer, headerBlock: Buffer | null): void {
     this.#done = true;
     this.#buffer = [];
+    // Headers the policy cannot see in full are never passed on: the header section ends within
+    // MAX_HEADER_BLOCK bytes or the message is refused, whether or not a policy applies, so the
+    // limit is the same on every port.
+    if (!headerBlock || headerBlock.length > MAX_HEADER_BLOCK) {
+      this.rejection = smtpError('HEADER_TOO_BIG', { max: MAX_HEADER_BLOCK });
+      return;
+    }
     // Postern's own lines are UTF-8 (an SMTPUTF8 address stays readable, and no character can
     // turn into a CR or LF byte); values copied from the client's headers keep their bytes.
     const prefix: Buffer[] = [Buffer.from(this.#received, 'utf8')];
     const own = (line: string) => prefix.push(Buffer.from(line, 'utf8'));
-    if (headerBlock) {
-      const names = headerNames(headerBlock.toString('latin1'));
-      const decision = this.#policy?.({ get: (name) => names.get(name.toLowerCase()) });
-      if (decision?.reject) {
-        this.rejection = decision.reject;
-        return;
-      }
-      if (decision?.rewriteFrom) {
-        this.rewrittenFrom = names.get('from');
-        all = Buffer.concat([withoutHeader(headerBlock, 'from'), all.subarray(headerBlock.length)]);
-        own(`From: <${decision.rewriteFrom}>\r\n`);
-        if (!names.has('reply-to') && this.rewrittenFrom) prefix.push(Buffer.from(`Reply-To: ${this.rewrittenFrom}\r\n`, 'latin1'));
-      }
-      const existingId = names.get('message-id');
-      if (existingId) {
-        this.messageId = existingId;
-      } else {
-        this.messageId = `<${randomBytes(12).toString('hex')}@${this.#hostname}>`;
-        own(`Message-ID: ${this.messageId}\r\n`);
-      }
-      if (!names.has('date')) own(`Date: ${formatRfc5322Date(this.#date)}\r\n`);
+    const fields = headerFields(headerBlock.toString('latin1'));
+    const first = (name: string) => fields.get(name)?.[0];
+    const decision = this.#policy?.({ get: (name) => first(name.toLowerCase()), all: (name) => fields.get(name.toLowerCase()) ?? [] });
+    if (decision?.reject) {
+      this.rejection = decision.reject;
+      return;
     }
+    if (decision?.rewriteFrom) {
+      // Every From field goes (there may be several); the originals are kept in Reply-To.
+      const originals = (fields.get('from') ?? []).filter(Boolean);
+      this.rewrittenFrom = originals.length > 0 ? originals.join(', ') : undefined;
+      all = Buffer.concat([withoutHeader(headerBlock, 'from'), all.subarray(headerBlock.length)]);
+      own(`From: <${decision.rewriteFrom}>\r\n`);
+      if (!fields.has('reply-to') && this.rewrittenFrom) prefix.push(Buffer.from(`Reply-To: ${this.rewrittenFrom}\r\n`, 'latin1'));
+    }
+    const existingId = first('message-id');
+    if (existingId) {
+      this.messageId = existingId;
+    } else {
+      this.messageId = `<${randomBytes(12).toString('hex')}@${this.#hostname}>`;
+      own(`Message-ID: ${this.messageId}\r\n`);
+    }
+    if (!fields.has('date')) own(`Date: ${formatRfc5322Date(this.#date)}\r\n`);
     this.push(Buffer.concat(prefix));
     this.push(all);
   }
@@ -158,15 +172,18 @@ function withoutHeader(block: Buffer, name: string): Buffer {
   return Buffer.from(kept.join('\r\n'), 'latin1');
 }
 
-/** Header names (lower case) mapped to their first value, unfolded. */
-function headerNames(block: string): Map<string, string> {
-  const out = new Map<string, string>();
+/** Header names (lower case) mapped to every value they have, in order, unfolded. */
+function headerFields(block: string): Map<string, string[]> {
+  const out = new Map<string, string[]>();
   const unfolded = block.replace(/\r\n[ \t]+/g, ' ');
   for (const line of unfolded.split('\r\n')) {
     const colon = line.indexOf(':');
     if (colon <= 0) continue;
     const name = line.slice(0, colon).trim().toLowerCase();
-    if (!out.has(name)) out.set(name, line.slice(colon + 1).trim());
+    const value = line.slice(colon + 1).trim();
+    const values = out.get(name);
+    if (values) values.push(value);
+    else out.set(name, [value]);
   }
   return out;
 }

@@ -238,7 +238,9 @@ export class Intake {
     }
     this.#perIp.set(ip, fromIp + 1);
     const connector = kind === 'relay' ? this.#connectors.find((c) => c.networks.has(ip))?.config : undefined;
-    this.#sessions.set(session.id, { listener: kind, ip, connector, log, secure: kind === 'smtps' });
+    // `transaction`: smtp-server replaces session.envelope whenever a transaction ends (RSET, EHLO,
+    // STARTTLS, the DATA reply), which tells the rate limits to give back what it reserved.
+    this.#sessions.set(session.id, { listener: kind, ip, connector, log, secure: kind === 'smtps', transaction: () => session.envelope });
     log.info({ event: 'connect', connector: connector?.name, port: session.localPort }, 'client connected');
     return null;
   }

@@ -13,7 +13,7 @@ import type { HeaderDecision, HeaderView } from '../intake/header-fixups.js';
 import { NetworkList, plainIp } from '../intake/network-list.js';
 import type { Account, Store } from '../store/store.js';
 import { AuthLockout } from './auth-lockout.js';
-import { RateLimits, type Sender, type SendingLimits, formatWait } from './rate-limits.js';
+import { RateLimits, type Reservation, type Sender, type SendingLimits, formatWait } from './rate-limits.js';
 import type { SecurityEvents } from './security-events.js';
 import { mayMailDomain, maySendAs } from './send-as.js';
 import { VolumeWatch } from './volume-watch.js';
@@ -27,6 +27,15 @@ export interface PolicySession {
   connector?: ConnectorConfig;
   /** Failures counted against the username at the last AUTH (a success then clears them). */
   authFailures?: number;
+  /**
+   * The current mail transaction, as an object that changes when the transaction ends (smtp-server's
+   * session.envelope: replaced at RSET, EHLO, STARTTLS and after the DATA reply). Lets the rate
+   * limits give back what an abandoned transaction reserved. Without it a reservation lasts until
+   * the next MAIL FROM or the end of the connection.
+   */
+  transaction?: () => unknown;
+  /** What the current transaction holds against the sending limits (set at MAIL FROM). */
+  reservation?: Reservation;
 }
 
 /** One stored relay_denied event per client address in this period. */
@@ -110,6 +119,10 @@ export class SessionPolicy {
       await this.authFailed(s, account.address, 'network_not_allowed');
       return smtpError('AUTH_FAILED');
     }
+    // The password was right: the username's failures go (only one with failures on record needs
+    // a write). Done before the connection count, so that nothing waits between reading the count
+    // and taking a slot: parallel logins cannot all see a free slot.
+    if (this.#enforce && (s.authFailures ?? 0) > 0) await this.#lockout.succeed(account.address);
     const open = this.#accountSessions.get(account.address) ?? 0;
     const max = account.policy.limits?.maxConnections ?? this.#config.limits.connections_per_account;
     if (this.#enforce && open >= max) {
@@ -122,8 +135,6 @@ export class SessionPolicy {
       });
       return smtpError('ACCOUNT_CONNECTIONS', { account: account.address, max });
     }
-    // Only a username with failures on record needs clearing: no write on an ordinary login.
-    if (this.#enforce && (s.authFailures ?? 0) > 0) await this.#lockout.succeed(account.address);
     this.#accountSessions.set(account.address, open + 1);
     s.account = account;
     void this.#noteNetwork(s, account.address);
@@ -131,6 +142,9 @@ export class SessionPolicy {
   }
 
   closed(s: PolicySession): void {
+    // QUIT or a lost connection: a transaction in progress will never be queued.
+    this.#rates.release(s.reservation);
+    s.reservation = undefined;
     if (!s.account) return;
     const left = (this.#accountSessions.get(s.account.address) ?? 1) - 1;
     if (left > 0) this.#accountSessions.set(s.account.address, left);
@@ -140,6 +154,9 @@ export class SessionPolicy {
   // ---- mail ------------------------------------------------------------------------------
 
   async onMail(s: PolicySession, sender: string): Promise<SmtpReplyError | null> {
+    // A new transaction: whatever the last one reserved and did not queue goes back.
+    this.#rates.release(s.reservation);
+    s.reservation = undefined;
     const connector = s.connector;
     if (connector) {
       if (connector.require_tls && !s.secure) return smtpError('CONNECTOR_NEEDS_TLS', { connector: connector.name });
@@ -157,11 +174,14 @@ export class SessionPolicy {
     }
     const who = this.#sender(s);
     const limits = this.#limits(s);
-    const refused = await this.#rates.checkMessage(who, limits);
-    if (refused) {
-      await this.#deny(s, 'rate_limited', refused.message.replace(/^\S+ /, ''));
-      return refused;
+    const token = s.transaction?.();
+    const live = s.transaction ? () => s.transaction!() === token : () => true;
+    const checked = await this.#rates.reserveMessage(who, limits, live);
+    if (checked.refused) {
+      await this.#deny(s, 'rate_limited', checked.refused.message.replace(/^\S+ /, ''));
+      return checked.refused;
     }
+    s.reservation = checked.reservation;
     if (s.account) void this.#watchVolume(s, s.account.address);
     return null;
   }
@@ -180,7 +200,8 @@ export class SessionPolicy {
         allowed: (s.account.policy.recipientDomains ?? []).join(', '),
       });
     }
-    const refused = await this.#rates.checkRecipient(this.#sender(s), this.#limits(s), accepted);
+    if (!s.reservation) return null;
+    const refused = await this.#rates.reserveRecipient(this.#sender(s), this.#limits(s), s.reservation);
     if (refused) {
       await this.#deny(s, 'rate_limited', refused.message.replace(/^\S+ /, ''));
       return refused;
@@ -188,30 +209,45 @@ export class SessionPolicy {
     return null;
   }
 
-  /** The message was queued: it counts against the sender's limits from now on. */
+  /** The message was queued: what its transaction reserved becomes a count. */
   queued(s: PolicySession, recipients: number): void {
-    void this.#rates.queued(this.#sender(s), recipients).catch(() => undefined);
+    const reservation = s.reservation;
+    s.reservation = undefined;
+    void this.#rates.queued(this.#sender(s), recipients, reservation).catch(() => undefined);
   }
 
-  /** The header check at DATA: From and Sender must be addresses the account may use. */
+  /**
+   * The header check at DATA: every address in every From and Sender field must be one the
+   * account may use (a second From field must not slip a forged address past the first). With
+   * rewrite-from on, a From it may not use is replaced instead (every From field goes, and the
+   * originals are kept in Reply-To). More than one From or Sender field is refused even when each
+   * is allowed: RFC 5322 allows one of each, and receivers disagree on which one they show.
+   */
   headerCheck(s: PolicySession): ((headers: HeaderView) => HeaderDecision) | undefined {
     const account = s.account;
     if (!this.#enforce || !account) return undefined;
     return (headers) => {
-      for (const name of ['from', 'sender']) {
-        const value = headers.get(name);
-        if (!value) continue;
-        const bad = addresses(value).find((a) => !maySendAs(account, a));
-        if (!bad) continue;
-        if (name === 'from' && account.policy.rewriteFrom) return { rewriteFrom: account.address };
-        return { reject: smtpError('SEND_AS_DENIED', { account: account.address, address: bad }) };
+      let rewriteFrom = false;
+      for (const [name, label] of [['from', 'From'], ['sender', 'Sender']] as const) {
+        const values = headers.all(name);
+        const bad = values.flatMap(addresses).find((a) => !maySendAs(account, a));
+        if (bad) {
+          if (name === 'from' && account.policy.rewriteFrom) {
+            rewriteFrom = true;
+            continue;
+          }
+          return { reject: smtpError('SEND_AS_DENIED', { account: account.address, address: bad }) };
+        }
+        if (values.length > 1) return { reject: smtpError('HEADER_REPEATED', { count: values.length, name: label }) };
       }
-      return {};
+      return rewriteFrom ? { rewriteFrom: account.address } : {};
     };
   }
 
-  /** Records a send-as refusal found in the headers (the reply is already decided). */
+  /** Records a refusal found in the headers (the reply is already decided). */
   async headerRefused(s: PolicySession, refusal: SmtpReplyError): Promise<void> {
+    // Only a forged sender is a security event; a malformed or oversized header section is logged.
+    if (refusal.errorName !== 'SEND_AS_DENIED') return;
     await this.#deny(s, 'send_as_denied', `${refusal.message.replace(/^\S+ /, '')} (headers)`);
   }
 
