@@ -101,6 +101,17 @@ describe('configuration', () => {
     expect(problems('[queue]\nlifetime = "5 days"\n')[0]).toMatch(/^queue\.lifetime: expected a duration/);
   });
 
+  it('names an unknown key in an upstream or a routing rule (the tables are strict too)', () => {
+    const isp = '[[upstream]]\nname = "isp"\ntype = "smtp"\nhost = "mail.isp.test"\n';
+    expect(problems(`${isp}pasword_file = "p"\n`)).toEqual(['upstream[0].pasword_file: unknown key']);
+    expect(problems(`${isp}[[upstream_route]]\nupstream = "isp"\ndefualt = true\n`)).toEqual([
+      'upstream_route[0].defualt: unknown key',
+      'upstream_route[0]: give one of sender_domains, accounts, recipient_domains or default = true',
+    ]);
+    expect(problems(`${isp}port = 99999\n`)[0]).toMatch(/^upstream\[0\]\.port: /);
+    expect(problems(`${isp}username = "u"\n`)).toEqual(['upstream[0].username: a username needs password_file or password_env']);
+  });
+
   it('reports TOML syntax errors with the file name', () => {
     expect(problems('hostname = \n')[0]).toMatch(/^not valid TOML: /);
   });

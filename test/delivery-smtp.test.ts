@@ -330,7 +330,9 @@ describe('timeouts', () => {
 describe('connections', () => {
   test('messages to the same destination share one connection (RSET between them)', async () => {
     const sink = await startSink();
-    const h = await setup({ zone: zoneFor('dest.test'), mxPort: sink.port, config: { delivery: { per_destination: 1 } } });
+    // A long idle timeout: a busy test machine stalling past the default 2 s would close the
+    // connection between the messages and make this fail for the wrong reason.
+    const h = await setup({ zone: zoneFor('dest.test'), mxPort: sink.port, config: { delivery: { per_destination: 1 } }, connectionIdleTimeout: 30_000 });
     const ids = await Promise.all([1, 2, 3].map((i) => h.enqueue({ sender: 'app@client.test', recipients: [`user${i}@dest.test`] })));
     for (const id of ids) expect((await settled(h, id)).recipients[0]!.state).toBe('delivered');
     // A later message within the idle time reuses the same connection too.

@@ -67,7 +67,19 @@ async function summary(p: Postern): Promise<string> {
       : `  TLS         ${tls.subject}, valid until ${tls.validTo.toISOString().slice(0, 10)}${expiresSoon(tls) !== null ? ` (expires in ${expiresSoon(tls)} days: renew it; Postern reloads the files when they change)` : ''}`,
   );
   const routes = config.route.map((r) => `${r.domains.join(',')} -> ${r.host}:${r.port}`);
-  lines.push(`  delivery    ${routes.length ? `routes: ${routes.join('; ')}; ` : ''}other domains by MX`);
+  const rules = config.upstream_route.map((r) => {
+    const what = r.default
+      ? 'everything else'
+      : r.recipient_domains
+        ? `to ${r.recipient_domains.join(',')}`
+        : r.accounts
+          ? `from accounts ${r.accounts.join(',')}`
+          : `from ${(r.sender_domains ?? []).join(',')}`;
+    return `${what} -> upstream ${r.upstream}`;
+  });
+  const catchAll = config.upstream_route.some((r) => r.default) || config.route.some((r) => r.domains.includes('*'));
+  const parts = [...(routes.length ? [`routes: ${routes.join('; ')}`] : []), ...rules, ...(catchAll ? [] : ['other domains by MX'])];
+  lines.push(`  delivery    ${parts.join('; ')}`);
   if (accounts.length === 0) {
     lines.push('', 'No accounts yet. Add the first one (in another terminal):', '  npx postern account add printer@example.com --generate');
   } else {

@@ -110,6 +110,131 @@ const domainName = z
     message: 'expected a domain name such as "example.com"',
   });
 
+const port = z.number().int().min(1).max(65535);
+
+// ---- upstreams ---------------------------------------------------------------------------
+//
+// An [[upstream]] is a server Postern hands mail to instead of the recipients' MX hosts, logging
+// in as itself: a smarthost, or (later) Microsoft 365 or Google with OAuth2. The table is a
+// discriminated union on `type`, so each kind has its own strict set of keys; adding a kind means
+// adding its schema to UPSTREAM_SCHEMAS and a target in src/delivery/upstreams/.
+//
+// Secrets are never in this file: password_file or password_env name where the password is, and
+// the delivery side reads it at start-up (src/config/secret.ts). A configuration file gets copied
+// into tickets, backups and repositories; a password in it goes wherever the file goes.
+
+/** Kinds of upstream that are planned but not in this version: named as such in the error. */
+const PLANNED_UPSTREAM_TYPES = ['microsoft365', 'google'];
+
+const upstreamName = z
+  .string()
+  .regex(/^[a-z0-9][a-z0-9_-]{0,62}$/i, 'expected a short name of letters, digits, "-" and "_" (it appears in logs and rules), such as "isp"');
+
+const envName = z
+  .string()
+  .regex(/^[A-Za-z_][A-Za-z0-9_]*$/, 'expected the name of an environment variable, such as "POSTERN_ISP_PASSWORD"');
+
+const INLINE_PASSWORD =
+  'a password is never written in the configuration file (the file gets copied, shared and backed up; the password would go with it): put it in a file readable only by Postern and set password_file = "secrets/NAME.pass", or set password_env = "VARIABLE"';
+
+const smtpUpstream = z
+  .strictObject({
+    type: z.literal('smtp'),
+    name: upstreamName,
+    host: z.string().min(1),
+    /** Default: 587 with starttls, 465 with implicit, 25 with none. */
+    port: port.optional(),
+    tls: z.enum(['starttls', 'implicit', 'none']).default('starttls'),
+    username: z.string().min(1).optional(),
+    /** Relative to the configuration file's directory. */
+    password_file: z.string().min(1).optional(),
+    password_env: envName.optional(),
+    /** Only so that a password written here gets the sentence below instead of "unknown key". */
+    password: z.unknown().optional(),
+    verify_certificate: z.boolean().default(true),
+    /** PEM file of the CA (or the certificate itself) to trust for this upstream instead of the public CAs. */
+    ca_file: z.string().min(1).optional(),
+    /** Connections at once to this upstream (default: delivery.per_destination). */
+    max_connections: z.number().int().positive().optional(),
+  })
+  .superRefine((u, ctx) => {
+    if (u.password !== undefined) ctx.addIssue({ code: 'custom', path: ['password'], message: INLINE_PASSWORD });
+    if (u.password_file !== undefined && u.password_env !== undefined) {
+      ctx.addIssue({ code: 'custom', path: ['password_env'], message: 'set password_file or password_env, not both' });
+    }
+    const hasPassword = u.password_file !== undefined || u.password_env !== undefined;
+    if (u.username !== undefined && !hasPassword && u.password === undefined) {
+      ctx.addIssue({ code: 'custom', path: ['username'], message: 'a username needs password_file or password_env' });
+    }
+    if (u.username === undefined && hasPassword) {
+      ctx.addIssue({ code: 'custom', path: ['username'], message: 'password_file/password_env is set but username is missing' });
+    }
+    if (u.tls === 'none' && u.username !== undefined) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['tls'],
+        message: 'tls = "none" would send the password unencrypted; use "starttls" or "implicit" (or drop username if the upstream relays for Postern without AUTH)',
+      });
+    }
+    if (u.tls === 'none' && u.ca_file !== undefined) {
+      ctx.addIssue({ code: 'custom', path: ['ca_file'], message: 'ca_file has no effect with tls = "none"' });
+    }
+  })
+  .transform(({ password: _inline, ...u }) => ({ ...u, port: u.port ?? { starttls: 587, implicit: 465, none: 25 }[u.tls] }));
+
+/** Every kind of upstream this version can deliver through, by `type`. */
+const UPSTREAM_SCHEMAS = [smtpUpstream] as const;
+export const UPSTREAM_TYPES = ['smtp'] as const;
+
+const upstream = z.discriminatedUnion('type', UPSTREAM_SCHEMAS, {
+  error: (issue) => {
+    if (issue.code !== 'invalid_union') return undefined;
+    const supported = `supported: ${UPSTREAM_TYPES.map((t) => `"${t}"`).join(', ')}`;
+    const type = issue.input && typeof issue.input === 'object' ? (issue.input as { type?: unknown }).type : undefined;
+    if (type === undefined) return `missing: every [[upstream]] needs a type (${supported})`;
+    if (typeof type === 'string' && PLANNED_UPSTREAM_TYPES.includes(type)) {
+      return `upstream type "${type}" is not available in this version yet (${supported})`;
+    }
+    return `unknown upstream type ${JSON.stringify(type)} (${supported})`;
+  },
+});
+
+/** An authenticated account (a Postern username): an address, compared without case. */
+const accountName = z
+  .string()
+  .regex(/^[^@\s]+@[^@\s]+$/, 'expected an account address such as "scanner@example.com"')
+  .transform((a) => a.toLowerCase());
+
+const notCatchAll = (what: string) =>
+  z.array(domainName).min(1).refine((list) => !list.includes('*'), {
+    message: `"*" is not a ${what}; for all mail use a rule with default = true`,
+  });
+
+/**
+ * Which upstream a message goes through. Each rule names one upstream and exactly one selector;
+ * the order they are tried in is fixed (src/delivery/router.ts), not the order in the file.
+ */
+const upstreamRoute = z
+  .strictObject({
+    upstream: upstreamName,
+    sender_domains: notCatchAll('sender domain').optional(),
+    accounts: z.array(accountName).min(1).optional(),
+    recipient_domains: notCatchAll('recipient domain').optional(),
+    default: z.literal(true, { error: 'default can only be true (leave it out otherwise)' }).optional(),
+  })
+  .superRefine((rule, ctx) => {
+    const given = (['sender_domains', 'accounts', 'recipient_domains', 'default'] as const).filter((k) => rule[k] !== undefined);
+    if (given.length !== 1) {
+      ctx.addIssue({
+        code: 'custom',
+        message:
+          given.length === 0
+            ? 'give one of sender_domains, accounts, recipient_domains or default = true'
+            : `give only one of sender_domains, accounts, recipient_domains or default = true (this rule has ${given.join(' and ')}); write one rule each`,
+      });
+    }
+  });
+
 export const configSchema = z
   .strictObject({
     hostname: z.string().min(1).optional(),
@@ -198,6 +323,8 @@ export const configSchema = z
         }),
       )
       .default([]),
+    upstream: z.array(upstream).default([]),
+    upstream_route: z.array(upstreamRoute).default([]),
     connector: z
       .array(
         z.strictObject({
@@ -218,9 +345,58 @@ export const configSchema = z
         level: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
       })
       .prefault({}),
+  })
+  .superRefine(checkUpstreamReferences);
+
+/**
+ * What a single table cannot check: upstream names are unique, rules name upstreams that exist,
+ * and no address, domain or "default" is claimed by two rules (the router would have to guess).
+ */
+function checkUpstreamReferences(
+  config: { route: { domains: string[] }[]; upstream: { name: string }[]; upstream_route: z.output<typeof upstreamRoute>[] },
+  ctx: z.RefinementCtx,
+): void {
+  const names = new Map<string, number>();
+  config.upstream.forEach((u, i) => {
+    const first = names.get(u.name.toLowerCase());
+    if (first !== undefined) ctx.addIssue({ code: 'custom', path: ['upstream', i, 'name'], message: `"${u.name}" is already the name of upstream[${first}]` });
+    else names.set(u.name.toLowerCase(), i);
   });
+  const defined = config.upstream.map((u) => `"${u.name}"`).join(', ');
+  const claimed = new Map<string, string>();
+  const claim = (key: string, by: string, path: (string | number)[], what: string) => {
+    const first = claimed.get(key);
+    if (first) ctx.addIssue({ code: 'custom', path, message: `${what} is already routed by ${first}` });
+    else claimed.set(key, by);
+  };
+  // Routes among themselves keep their old rule (the first one listing a domain wins); only a
+  // clash between a route and an upstream rule is refused.
+  config.route.forEach((r, i) => {
+    for (const d of r.domains) {
+      const key = d === '*' ? 'default' : `rcpt:${d}`;
+      if (!claimed.has(key)) claimed.set(key, d === '*' ? `route[${i}] (domains = ["*"])` : `route[${i}]`);
+    }
+  });
+  config.upstream_route.forEach((rule, i) => {
+    const at = `upstream_route[${i}]`;
+    if (!names.has(rule.upstream.toLowerCase())) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['upstream_route', i, 'upstream'],
+        message: `no [[upstream]] is named "${rule.upstream}" (${defined ? `defined: ${defined}` : 'none is defined'})`,
+      });
+    }
+    for (const d of rule.recipient_domains ?? []) claim(`rcpt:${d}`, at, ['upstream_route', i, 'recipient_domains'], `recipient domain "${d}"`);
+    for (const d of rule.sender_domains ?? []) claim(`sender:${d}`, at, ['upstream_route', i, 'sender_domains'], `sender domain "${d}"`);
+    for (const a of rule.accounts ?? []) claim(`account:${a}`, at, ['upstream_route', i, 'accounts'], `account "${a}"`);
+    if (rule.default) claim('default', at, ['upstream_route', i, 'default'], 'all mail (default)');
+  });
+}
 
 export type ConfigInput = z.input<typeof configSchema>;
 export type ParsedConfig = z.output<typeof configSchema>;
 export type RouteConfig = ParsedConfig['route'][number];
 export type ConnectorConfig = ParsedConfig['connector'][number];
+export type UpstreamConfig = ParsedConfig['upstream'][number];
+export type SmtpUpstreamConfig = Extract<UpstreamConfig, { type: 'smtp' }>;
+export type UpstreamRouteConfig = ParsedConfig['upstream_route'][number];

@@ -85,13 +85,26 @@ function resolveConfig(parsed: ParsedConfig, file: string | null, baseDir: strin
         submission: { host: '::', port: 587, fallbackPort: 2587 },
         smtps: { host: '::', port: 465, fallbackPort: 2465 },
       };
-  const { listen: _l, tls, data_dir: _d, hostname, ...rest } = parsed;
+  const { listen: _l, tls, data_dir: _d, hostname, upstream, ...rest } = parsed;
   return {
     ...rest,
+    upstream: upstream.map((u) => resolveFileKeys(u, baseDir)),
     file,
     hostname: hostname ?? os.hostname(),
     dataDir,
     listen,
     tls: { certFile: underData(tls.cert), keyFile: underData(tls.key) },
   };
+}
+
+/**
+ * An upstream's files (`password_file`, `ca_file`, and whatever `*_file` later kinds add) are
+ * relative to the configuration file's directory, where secrets/ usually sits next to it.
+ */
+function resolveFileKeys<T extends object>(table: T, baseDir: string): T {
+  const out = { ...table } as Record<string, unknown>;
+  for (const [key, value] of Object.entries(out)) {
+    if (key.endsWith('_file') && typeof value === 'string') out[key] = path.resolve(baseDir, value);
+  }
+  return out as unknown as T;
 }

@@ -1,7 +1,8 @@
 // Connection slots and idle connections, shared by every SMTP target.
 //
 // Two caps, both from config.delivery: `concurrency` connections in use overall and
-// `per_destination` to any one destination (a domain's MX set, or a route). A delivery first takes
+// `per_destination` to any one destination (a domain's MX set, a route or an upstream; an
+// upstream's max_connections can lower it for that upstream). A delivery first takes
 // a slot (waiting in line when the caps are reached), then uses an idle connection to the same
 // destination if one is kept, else opens a new one. When it is done, a healthy connection stays
 // open for a few seconds so the next message to the same place skips TCP, greeting, EHLO and TLS:
@@ -35,6 +36,7 @@ export interface PoolLease {
 
 interface Waiter {
   key: string;
+  limit: number;
   resolve: (lease: PoolLease) => void;
   reject: (err: Error) => void;
 }
@@ -69,11 +71,15 @@ export class ConnectionPool {
     return n;
   }
 
-  /** Waits for a slot to `key`. Rejects when the signal aborts or the pool closes first. */
-  acquire(key: string, signal?: AbortSignal): Promise<PoolLease> {
+  /**
+   * Waits for a slot to `key`. Rejects when the signal aborts or the pool closes first. `limit`
+   * lowers the per-destination cap for this destination (an upstream's max_connections).
+   */
+  acquire(key: string, signal?: AbortSignal, limit?: number): Promise<PoolLease> {
     if (this.#closed) return Promise.reject(new Error('connection pool closed'));
     if (signal?.aborted) return Promise.reject(abortError());
-    if (this.#hasRoom(key)) return Promise.resolve(this.#lease(key));
+    const cap = Math.min(limit ?? Number.POSITIVE_INFINITY, this.#options.maxPerDestination);
+    if (this.#hasRoom(key, cap)) return Promise.resolve(this.#lease(key));
     return new Promise((resolve, reject) => {
       const onAbort = () => {
         const i = this.#waiters.indexOf(waiter);
@@ -82,6 +88,7 @@ export class ConnectionPool {
       };
       const waiter: Waiter = {
         key,
+        limit: cap,
         resolve: (lease) => {
           signal?.removeEventListener('abort', onAbort);
           resolve(lease);
@@ -110,8 +117,8 @@ export class ConnectionPool {
     }
   }
 
-  #hasRoom(key: string): boolean {
-    return this.#active < this.#options.maxConnections && (this.#activeByKey.get(key) ?? 0) < this.#options.maxPerDestination;
+  #hasRoom(key: string, limit: number): boolean {
+    return this.#active < this.#options.maxConnections && (this.#activeByKey.get(key) ?? 0) < limit;
   }
 
   #lease(key: string): PoolLease {
@@ -142,7 +149,7 @@ export class ConnectionPool {
   #grant(): void {
     for (let i = 0; i < this.#waiters.length && this.#active < this.#options.maxConnections; ) {
       const waiter = this.#waiters[i]!;
-      if (this.#hasRoom(waiter.key)) {
+      if (this.#hasRoom(waiter.key, waiter.limit)) {
         this.#waiters.splice(i, 1);
         waiter.resolve(this.#lease(waiter.key));
       } else {

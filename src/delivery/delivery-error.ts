@@ -42,6 +42,14 @@ export const DELIVERY_ERRORS = {
     text: 'TLS is required for {destination} but {server} does not offer STARTTLS',
   },
   TLS_FAILED: { enhanced: '4.7.5', text: 'TLS handshake with {server} failed: {reason}' },
+  CERTIFICATE_UNTRUSTED: {
+    enhanced: '4.7.5',
+    text: 'The TLS certificate of {server} is not trusted for {destination}: {reason} (set ca_file to the CA that issued it, or verify_certificate = false)',
+  },
+  AUTH_UNAVAILABLE: {
+    enhanced: '4.7.4',
+    text: 'Cannot log in to {destination}: {server} does not offer AUTH PLAIN or LOGIN (it offers {offered})',
+  },
   MESSAGE_TOO_BIG: {
     enhanced: '5.3.4',
     text: 'Message size {size} bytes exceeds the limit of {limit} bytes announced by {server}',

@@ -12,6 +12,12 @@
 // A ReplyWatch reads the server's replies alongside nodemailer, for two things nodemailer does not
 // do (both found by test/delivery-faults.test.ts): a deadline per reply (command_timeout), and the
 // 421 a server sends just before it closes the connection.
+//
+// Upstreams (smarthosts) add three things to the setup, all off for MX hosts and routes: implicit
+// TLS (`tls: 'implicit'`, port 465 style), certificate verification (`verify`), and AUTH PLAIN or
+// LOGIN after TLS (`auth`). AUTH is only ever sent on an encrypted connection: with tls 'required'
+// a server that does not offer STARTTLS ends the setup before AUTH (TLS_UNAVAILABLE), and a
+// plaintext session with credentials is refused here as well, whatever the caller asked.
 import net from 'node:net';
 import { type Readable, Transform, pipeline } from 'node:stream';
 import mxConnect, { type MxConnection, type MxConnectError } from 'mx-connect';
@@ -20,12 +26,39 @@ import { type DeliveryError, deliveryError, parseReply } from './delivery-error.
 import type { DeliveryOutcome, TlsMode } from './delivery-target.js';
 import type { MailHost } from './mx-resolver.js';
 
+/** The TLS modes of delivery targets, plus implicit TLS (the socket speaks TLS from the start). */
+export type SessionTls = TlsMode | 'implicit';
+
+export interface SessionAuth {
+  user: string;
+  /** Called when AUTH is sent, so the password is not copied into options objects. */
+  pass(): string;
+}
+
+/** What went wrong in the setup, when it was more than "this host did not work". */
+export type SetupProblem =
+  /** The server refused the credentials (535 and the like): a configuration problem. */
+  | 'auth_refused'
+  /** The server offers no AUTH mechanism Postern can use. */
+  | 'auth_unavailable'
+  /** The server's certificate is not trusted (verification on). */
+  | 'certificate'
+  /** TLS is required and the server does not offer STARTTLS. */
+  | 'tls_unavailable';
+
 export interface SmtpSessionOptions {
-  /** For messages: the recipient domain or the route ("relay.internal:25"). */
+  /** For messages: the recipient domain, the route ("relay.internal:25") or "upstream NAME". */
   destination: string;
   hosts: MailHost[];
   port: number;
-  tls: TlsMode;
+  tls: SessionTls;
+  /**
+   * Verify the server's certificate against `ca` (PEM; default: Node's public CAs) and the host
+   * name. Absent: not verified (MX and routes; see #handshake).
+   */
+  verify?: { ca?: string };
+  /** Log in after EHLO (and TLS) with AUTH PLAIN, or LOGIN when PLAIN is not offered. */
+  auth?: SessionAuth;
   /** Sent with EHLO (config.hostname). */
   heloName: string;
   /** Per address for TCP connect, and for the greeting + EHLO + STARTTLS setup. */
@@ -54,7 +87,9 @@ export interface TransactionResult {
   reusable: boolean;
 }
 
-export type OpenResult = { session: SmtpSession; failure?: undefined } | { session?: undefined; failure: DeliveryOutcome };
+export type OpenResult =
+  | { session: SmtpSession; failure?: undefined; problem?: undefined }
+  | { session?: undefined; failure: DeliveryOutcome; problem?: SetupProblem };
 
 /** The fields of nodemailer's errors we read. */
 interface SmtpClientError extends Error {
@@ -76,6 +111,8 @@ interface SmtpClientError extends Error {
 interface ConnectionInternals {
   _envelope?: { rejectedErrors?: SmtpClientError[] } | false;
   _onData?: (chunk: Buffer) => void;
+  /** The EHLO reply's lines after the first, without codes: where the AUTH mechanisms are. */
+  _ehloLines?: string[];
 }
 
 export class SmtpSession {
@@ -136,6 +173,7 @@ export class SmtpSession {
     const maxAttempts = options.maxSetupAttempts ?? 5;
     const tried: string[] = [];
     let lastFailure: DeliveryOutcome | undefined;
+    let lastProblem: SetupProblem | undefined;
     for (let attempt = 0; attempt < maxAttempts; attempt++) {
       if (options.signal?.aborted) return { failure: deliveryError('INTERRUPTED').toOutcome() };
       let mx: MxConnection;
@@ -144,7 +182,7 @@ export class SmtpSession {
       } catch (err) {
         // Nothing left to try (or nothing reachable): the SMTP-level reason, when there was one,
         // says more than "connection refused" from the last host.
-        if (lastFailure) return { failure: lastFailure };
+        if (lastFailure) return { failure: lastFailure, ...(lastProblem ? { problem: lastProblem } : {}) };
         // "Network error when connecting to MX server mx1[192.0.2.1] for example.com: Connection refused"
         const reason = (err as MxConnectError).message.replace(/^Network error when connecting to MX server (\S+) for [^:]+: /, '$1: ');
         return { failure: deliveryError('CONNECT_FAILED', { destination: options.destination, reason }).toOutcome() };
@@ -164,26 +202,38 @@ export class SmtpSession {
       }
       if ('session' in result) return { session: result.session };
       lastFailure = { ...result.failure, status: 'deferred' };
+      lastProblem = result.problem;
+      // Refused credentials are refused on every address of the host: trying them on the next
+      // one only adds failed logins, which providers count towards locking the account.
+      if (result.problem === 'auth_refused' || result.problem === 'auth_unavailable') break;
     }
-    return { failure: lastFailure ?? deliveryError('CONNECT_FAILED', { destination: options.destination, reason: 'no host' }).toOutcome() };
+    return {
+      failure: lastFailure ?? deliveryError('CONNECT_FAILED', { destination: options.destination, reason: 'no host' }).toOutcome(),
+      ...(lastProblem ? { problem: lastProblem } : {}),
+    };
   }
 
-  /** Greeting, EHLO and STARTTLS over a connected socket. */
-  static #handshake(mx: MxConnection, options: SmtpSessionOptions, tls: TlsMode): Promise<HandshakeResult> {
+  /** Greeting, EHLO, STARTTLS (or implicit TLS) and AUTH over a connected socket. */
+  static #handshake(mx: MxConnection, options: SmtpSessionOptions, tls: SessionTls): Promise<HandshakeResult> {
     const servername = net.isIP(mx.hostname) ? undefined : mx.hostname;
+    const verify = options.verify;
     const connection = new SMTPConnection({
       connection: mx.socket,
       host: mx.host,
       port: mx.port,
       servername,
       name: options.heloName,
+      secure: tls === 'implicit',
       ignoreTLS: tls === 'none',
       requireTLS: tls === 'required',
       opportunisticTLS: tls === 'opportunistic',
       // MX certificates are often self-signed or for another name; without DANE or MTA-STS there is
       // nothing to verify them against, so TLS here protects against passive listening only (the
-      // same as Postfix's "may" and "encrypt" levels).
-      tls: { rejectUnauthorized: false, ...(servername ? { servername } : {}) },
+      // same as Postfix's "may" and "encrypt" levels). An upstream is one known server that gets a
+      // password: its certificate is verified (Postfix's "secure" level), against ca_file if set.
+      tls: verify
+        ? { rejectUnauthorized: true, minVersion: 'TLSv1.2', ...(verify.ca ? { ca: verify.ca } : {}), ...(servername ? { servername } : {}) }
+        : { rejectUnauthorized: false, ...(servername ? { servername } : {}) },
       connectionTimeout: options.connectTimeout,
       greetingTimeout: options.connectTimeout,
       socketTimeout: options.commandTimeout,
@@ -197,42 +247,119 @@ export class SmtpSession {
     return new Promise((resolve) => {
       let settled = false;
       const onAbort = () => connection.close();
-      const finish = (err?: SmtpClientError) => {
+      const where = { remoteMta: mx.hostname, remoteIp: mx.host };
+      /** Ends the setup: a session, or the error (or a failure already decided) as the outcome. */
+      const finish = (err?: SmtpClientError, decided?: { failure: DeliveryOutcome; problem: SetupProblem }) => {
         if (settled) return;
         settled = true;
         watch.end();
         options.signal?.removeEventListener('abort', onAbort);
-        connection.removeListener('error', finish);
+        connection.removeListener('error', onError);
         connection.removeListener('end', onEnd);
-        if (!err && !connection.destroyed) {
+        if (!err && !decided && !connection.destroyed) {
           // A session the caller opened is the caller's to close, including on abort.
           resolve({ session: new SmtpSession(connection, watch, mx, options) });
           return;
         }
         connection.close();
-        const error: SmtpClientError = watch.explain(
-          err ?? Object.assign(new Error('connection closed during setup'), { code: 'ECONNECTION' }),
-        );
         if (options.signal?.aborted) {
           resolve({ failure: deliveryError('INTERRUPTED').toOutcome(), tlsHandshakeFailed: false });
           return;
+        }
+        if (decided) {
+          resolve({ failure: { ...decided.failure, status: 'deferred' }, tlsHandshakeFailed: false, problem: decided.problem });
+          return;
+        }
+        const error: SmtpClientError = watch.explain(
+          err ?? Object.assign(new Error('connection closed during setup'), { code: 'ECONNECTION' }),
+        );
+        if (error.code === 'EAUTH' && error.response) {
+          // The server answered the AUTH: its reply is the outcome (held as deferred by the caller).
+          const reply = parseReply(error.response);
+          if (reply) {
+            const failure: DeliveryOutcome = { status: 'deferred', code: reply.code, enhanced: reply.enhanced, response: reply.response, ...where };
+            // 454 and other 4xx replies to AUTH are the server's temporary trouble, not our credentials.
+            resolve({ failure, tlsHandshakeFailed: false, ...(reply.code >= 500 ? { problem: 'auth_refused' as const } : {}) });
+            return;
+          }
         }
         // A failed TLS handshake shows up as a socket error while nodemailer is still upgrading.
         const tlsHandshakeFailed =
           connection.upgrading === true || (error.code === 'ETLS' && !(error.command === 'STARTTLS' && error.responseCode));
         if (tlsHandshakeFailed) error.code = 'ETLS';
+        const reason = describe(error);
+        if (tlsHandshakeFailed && verify && /certificate/i.test(reason)) {
+          const failure = deliveryError('CERTIFICATE_UNTRUSTED', { server, destination: options.destination, reason }).toOutcome(where);
+          resolve({ failure, tlsHandshakeFailed, problem: 'certificate' });
+          return;
+        }
         const failure = classifyError(error, server, options.destination, mx.hostname, mx.host, 0);
-        resolve({ failure: { ...failure, status: 'deferred' }, tlsHandshakeFailed });
+        const noStarttls = error.code === 'ETLS' && error.command === 'STARTTLS' && Boolean(error.responseCode);
+        resolve({ failure: { ...failure, status: 'deferred' }, tlsHandshakeFailed, ...(noStarttls ? { problem: 'tls_unavailable' as const } : {}) });
       };
+      const onError = (err: SmtpClientError) => finish(err);
       const onEnd = () => finish(Object.assign(new Error('connection closed during setup'), { code: 'ECONNECTION' }));
       options.signal?.addEventListener('abort', onAbort, { once: true });
-      connection.once('error', finish);
+      connection.once('error', onError);
       connection.once('end', onEnd);
-      connection.connect((err) => finish(err as SmtpClientError | undefined));
+      connection.connect((err) => {
+        if (err || !options.auth) return finish(err as SmtpClientError | undefined);
+        SmtpSession.#login(connection, watch, options, server, where, finish);
+      });
       // The greeting is nodemailer's to time (connect_timeout); each reply after it gets
       // command_timeout.
       watch.begin({ afterFirstReply: true });
     });
+  }
+
+  /**
+   * AUTH on a session that is set up: PLAIN when the server offers it, else LOGIN (both send the
+   * password as it is, which is why they only ever run over TLS). The server's refusal comes back
+   * through `finish` as EAUTH with its reply.
+   */
+  static #login(
+    connection: SMTPConnection,
+    watch: ReplyWatch,
+    options: SmtpSessionOptions,
+    server: string,
+    where: { remoteMta: string; remoteIp: string },
+    finish: (err?: SmtpClientError, decided?: { failure: DeliveryOutcome; problem: SetupProblem }) => void,
+  ): void {
+    const auth = options.auth!;
+    if (!connection.secure) {
+      // Not reachable through the configuration (tls = "none" with a username is refused there);
+      // kept so that no future caller can send a password in clear by mistake.
+      finish(undefined, {
+        failure: deliveryError('TLS_UNAVAILABLE', { destination: options.destination, server }).toOutcome(where),
+        problem: 'auth_unavailable',
+      });
+      return;
+    }
+    const ehlo = (connection as unknown as ConnectionInternals)._ehloLines;
+    let method: 'PLAIN' | 'LOGIN' | undefined;
+    if (Array.isArray(ehlo)) {
+      const offered = ehlo.flatMap((line) => {
+        const m = /^AUTH[\s=](.*)/i.exec(line);
+        return m ? m[1]!.trim().toUpperCase().split(/[\s=]+/) : [];
+      });
+      method = offered.includes('PLAIN') ? 'PLAIN' : offered.includes('LOGIN') ? 'LOGIN' : undefined;
+      if (!method) {
+        const failure = deliveryError('AUTH_UNAVAILABLE', {
+          destination: options.destination,
+          server,
+          offered: offered.length ? `AUTH ${[...new Set(offered)].join(' ')}` : 'no AUTH',
+        }).toOutcome(where);
+        finish(undefined, { failure, problem: 'auth_unavailable' });
+        return;
+      }
+    } else if (!connection.allowsAuth) {
+      // nodemailer no longer keeps the EHLO lines: its own reading of them still says "no AUTH".
+      const failure = deliveryError('AUTH_UNAVAILABLE', { destination: options.destination, server, offered: 'no AUTH' }).toOutcome(where);
+      finish(undefined, { failure, problem: 'auth_unavailable' });
+      return;
+    }
+    watch.begin();
+    connection.login({ user: auth.user, pass: auth.pass(), ...(method ? { method } : {}) }, (err) => finish(err as SmtpClientError | undefined));
   }
 
   /**
@@ -400,6 +527,7 @@ type HandshakeResult =
       failure: DeliveryOutcome;
       /** The TLS handshake itself failed (not "STARTTLS not offered"): worth a plaintext retry. */
       tlsHandshakeFailed: boolean;
+      problem?: SetupProblem;
     };
 
 /** Turns a nodemailer error into an outcome: the remote reply when there is one, else ours. */

@@ -1,6 +1,7 @@
-// SMTP delivery to one destination: an MX set or a static route. Both are "a list of hosts to try
-// on some port with some TLS policy"; they differ only in how the host list is found, so one class
-// serves both and the Router gives it the right `resolve`.
+// SMTP delivery to one destination: an MX set, a static route or an SMTP upstream. All are "a list
+// of hosts to try on some port with some TLS policy"; they differ in how the host list is found
+// (the Router gives the right `resolve`), and an upstream adds certificate verification and AUTH
+// (src/delivery/upstreams/smtp-upstream.ts), so one class serves all three.
 //
 // Per job: take a connection slot from the pool, reuse an idle connection to the same destination
 // or resolve and open a new one, run one transaction per batch of recipients (RSET between
@@ -10,7 +11,7 @@ import type { ConnectionPool, PoolLease } from './connection-pool.js';
 import { DeliveryError, deliveryError } from './delivery-error.js';
 import type { DeliveryJob, DeliveryOutcome, DeliveryTarget, RecipientResult, TlsMode } from './delivery-target.js';
 import type { MailHost } from './mx-resolver.js';
-import { SmtpSession } from './smtp-session.js';
+import { type SessionAuth, type SessionTls, type SetupProblem, SmtpSession } from './smtp-session.js';
 
 export interface SmtpDestination {
   /** Pool key: connections and the per-destination cap are shared by everything with this key. */
@@ -20,9 +21,17 @@ export interface SmtpDestination {
   /** For status texts: "example.com", "relay.internal:25". */
   name: string;
   port: number;
-  tls: TlsMode;
+  tls: TlsMode | SessionTls;
   /** The hosts to try, best first. Throws a DeliveryError when there are none. */
   resolve(): Promise<MailHost[]>;
+  /** Upstreams: verify the server's certificate (see SmtpSessionOptions.verify). */
+  verify?: { ca?: string };
+  /** Upstreams: log in after TLS. */
+  auth?: SessionAuth;
+  /** Connections at once to this destination, below the pool's per-destination cap. */
+  maxConnections?: number;
+  /** Told when a new connection could not be set up for a reason beyond "this host failed". */
+  onSetupProblem?(problem: SetupProblem, failure: DeliveryOutcome): void;
 }
 
 export interface SmtpTargetOptions {
@@ -74,7 +83,7 @@ export class SmtpTarget implements DeliveryTarget {
 
     let lease: PoolLease;
     try {
-      lease = await this.#options.pool.acquire(this.#destination.key, signal);
+      lease = await this.#options.pool.acquire(this.#destination.key, signal, this.#destination.maxConnections);
     } catch (err) {
       return all(
         signal?.aborted
@@ -136,16 +145,21 @@ export class SmtpTarget implements DeliveryTarget {
       if (err instanceof DeliveryError) return { failure: err.toOutcome() };
       return { failure: deliveryError('INTERNAL', { reason: (err as Error).message }).toOutcome() };
     }
+    const { verify, auth } = this.#destination;
     const opened = await SmtpSession.open({
       destination: this.#destination.name,
       hosts,
       port: this.#destination.port,
       tls: this.#destination.tls,
+      ...(verify ? { verify } : {}),
+      ...(auth ? { auth } : {}),
       heloName: this.#options.heloName,
       connectTimeout: this.#options.connectTimeout,
       commandTimeout: this.#options.commandTimeout,
       signal,
     });
-    return opened.session ? { session: opened.session } : { failure: opened.failure! };
+    if (opened.session) return { session: opened.session };
+    if (opened.problem) this.#destination.onSetupProblem?.(opened.problem, opened.failure);
+    return { failure: opened.failure };
   }
 }

@@ -17,7 +17,7 @@ export function createLogger(options: LoggerOptions = {}): Logger {
       level: options.level ?? 'info',
       base: { app: 'postern' },
       timestamp: pino.stdTimeFunctions.isoTime,
-      redact: { paths: ['password', '*.password', 'auth.password', 'credentials'], censor: '[redacted]' },
+      redact: { paths: ['password', '*.password', 'auth.password', 'pass', '*.pass', 'secret', '*.secret', 'credentials'], censor: '[redacted]' },
       formatters: { level: (label) => ({ level: label }) },
     },
     options.destination ?? pino.destination({ dest: 1, sync: false }),

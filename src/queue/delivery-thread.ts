@@ -15,7 +15,7 @@
 // is started again after a pause: its recipients in flight are released at start, as after a crash.
 import { Worker } from 'node:worker_threads';
 import pino from 'pino';
-import type { Config } from '../config/load-config.js';
+import { type Config, ConfigError } from '../config/load-config.js';
 import type { Logger } from '../observe/logger.js';
 
 export interface WorkerData {
@@ -26,12 +26,14 @@ export interface WorkerData {
 export type ToWorker = { type: 'notify' } | { type: 'stop'; graceMs: number };
 type FromWorker =
   | { type: 'ready' }
-  | { type: 'failed'; message: string }
+  | { type: 'failed'; message: string; config?: { file: string; problems: string[] } }
   | { type: 'log'; text: string }
   | { type: 'stopped'; error?: string };
 
 /** The worker script, next to this file once compiled (dist/queue/delivery-worker.js). */
 const WORKER_SCRIPT = new URL('./delivery-worker.js', import.meta.url);
+/** The worker's young generation cap, as the main thread's (young-generation.ts). */
+const WORKER_YOUNG_GENERATION_MB = 8;
 /** Pause before a worker that died is started again. */
 const RESTART_PAUSE_MS = 1000;
 
@@ -55,6 +57,9 @@ export class DeliveryThread {
   start(): Promise<void> {
     const worker = new Worker(WORKER_SCRIPT, {
       workerData: { config: this.#config, logLevel: this.#logger.level } satisfies WorkerData,
+      // The worker is an isolate of its own, with its own young generation; left to grow, it adds
+      // 30 MB or more of resident memory (see src/cli/young-generation.ts for the main thread's).
+      resourceLimits: { maxYoungGenerationSizeMb: WORKER_YOUNG_GENERATION_MB },
     });
     this.#worker = worker;
     return new Promise<void>((resolve, reject) => {
@@ -64,7 +69,9 @@ export class DeliveryThread {
         else if (message.type === 'ready') {
           started = true;
           resolve();
-        } else if (message.type === 'failed') reject(new Error(message.message));
+        } else if (message.type === 'failed') {
+          reject(message.config ? new ConfigError(message.config.file, message.config.problems) : new Error(message.message));
+        }
       });
       worker.on('error', (err) => {
         this.#logger.error({ event: 'delivery_thread_error', err: err.message, stack: err.stack }, 'the delivery thread failed');

@@ -2,7 +2,7 @@
 // own connection to the store, the queue runner, and a logger whose lines go to the main thread,
 // which writes them with its own (one stream, whole lines, never interleaved).
 import { parentPort, workerData } from 'node:worker_threads';
-import type { Config } from '../config/load-config.js';
+import { type Config, ConfigError } from '../config/load-config.js';
 import { createLogger } from '../observe/logger.js';
 import { openStore } from '../store/open-store.js';
 import type { Store } from '../store/store.js';
@@ -58,7 +58,10 @@ start().then(
   () => port.postMessage({ type: 'ready' }),
   (err: Error) => {
     flushLogs();
-    port.postMessage({ type: 'failed', message: err.message });
+    // A configuration problem found here (an upstream's secret file, say) must stop start-up as
+    // one (exit code 2, file and reasons), not as a crash.
+    const config = err instanceof ConfigError ? { file: err.file, problems: err.problems } : undefined;
+    port.postMessage({ type: 'failed', message: err.message, config });
   },
 );
 

@@ -28,14 +28,14 @@ import { deliveryError } from '../delivery/delivery-error.js';
 import type { DeliveryTarget, RecipientResult } from '../delivery/delivery-target.js';
 import { type DsnRecipient, enqueueDsn, readHeaderBlock, wantsFailureNotice } from '../delivery/dsn.js';
 import { MxResolver } from '../delivery/mx-resolver.js';
-import { Router } from '../delivery/router.js';
+import { Router, type RouterConfig } from '../delivery/router.js';
 import type { Logger } from '../observe/logger.js';
 import type { QueueStore, QueuedMessage, QueuedRecipient, RecipientOutcome } from '../store/store.js';
 import { retryDelay } from './retry-delay.js';
 
 export interface QueueRunnerOptions {
   store: QueueStore;
-  config: Pick<Config, 'hostname' | 'delivery' | 'queue' | 'route'>;
+  config: Pick<Config, 'hostname' | 'delivery' | 'queue'> & RouterConfig;
   logger: Logger;
   /** How long an unused outbound connection is kept for reuse, in ms (default 5000). */
   connectionIdleTimeout?: number;
@@ -87,7 +87,8 @@ export class QueueRunner {
       servers: delivery.dns_servers,
       timeout: options.dnsTimeout ?? Math.min(delivery.connect_timeout, 5000),
     });
-    this.#router = new Router({ config: options.config, pool: this.#pool, resolver });
+    // Reads the upstreams' secrets: a ConfigError from here stops start-up.
+    this.#router = new Router({ config: options.config, pool: this.#pool, resolver, logger: options.logger });
   }
 
   /**
@@ -226,7 +227,7 @@ export class QueueRunner {
         });
         continue;
       }
-      const { key, target } = this.#router.route(r.domain);
+      const { key, target } = this.#router.route(r.domain, { sender: message.sender, account: message.origin.account });
       const group = groups.get(key) ?? { target, recipients: [] };
       group.recipients.push(r);
       groups.set(key, group);
