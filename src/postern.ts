@@ -30,9 +30,9 @@ export interface StartOptions {
   /** How long sessions and deliveries in progress get to finish on stop. */
   stopGraceMs?: number;
   /**
-   * Run the queue runner in a worker thread (queue/delivery-thread.ts), as `postern serve` does.
-   * Needs the compiled code (dist/); tests that run from the TypeScript sources deliver in this
-   * thread (false, the default) and those that run `postern serve` cover the thread.
+   * Run the queue runner in a worker thread (queue/delivery-thread.ts); `postern serve` does when
+   * `[delivery] thread = true`. Needs the compiled code (dist/): tests that run from the
+   * TypeScript sources deliver in this thread, test/delivery-thread.test.ts runs `postern serve`.
    */
   deliveryThread?: boolean;
 }

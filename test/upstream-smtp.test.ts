@@ -528,7 +528,7 @@ describe('upstream configuration', () => {
     );
   });
 
-  test('`postern serve` (deliveries in a worker thread) refuses to start too, before listening', () => {
+  test('`postern serve` refuses to start too, before listening, with exit code 2', () => {
     const dir = tempDir();
     const file = path.join(dir, 'postern.toml');
     fs.writeFileSync(file, `data_dir = "data"\n[listen]\nsubmission = "127.0.0.1:0"\n${ISP}password_file = "isp.pass"\n`);

@@ -24,7 +24,7 @@ export function registerServeCommand(program: Command): void {
         process.once('SIGTERM', () => resolve('SIGTERM'));
         process.once('SIGINT', () => resolve('SIGINT'));
       });
-      const postern = await startPostern(config, logger, { deliveryThread: true });
+      const postern = await startPostern(config, logger, { deliveryThread: config.delivery.thread });
       capYoungGeneration(YOUNG_GENERATION_BYTES);
       process.on('SIGHUP', () => postern.reloadTls());
       process.stderr.write(await summary(postern));

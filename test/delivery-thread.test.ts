@@ -1,0 +1,90 @@
+// `[delivery] thread = true`: `postern serve` runs the queue runner in a worker thread
+// (src/queue/delivery-thread.ts). The thread needs the compiled code, so this runs the real
+// `postern serve`: mail queued on the relay port reaches the sink, the worker's log lines come out
+// whole on the server's stdout, a configuration error found by the worker stops start-up as one
+// (exit code 2), and SIGTERM stops the thread and the store cleanly.
+import { spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import nodemailer from 'nodemailer';
+import { afterAll, describe, expect, it } from 'vitest';
+import { BIN, killAllServeProcesses, startServeProcess } from './helpers/serve-process.js';
+import { SinkServer } from './helpers/sink-server.js';
+import { tempDir } from './helpers/temp-dir.js';
+import { waitFor } from './helpers/wait-for.js';
+
+afterAll(() => killAllServeProcesses());
+
+function configText(sinkPort: number, extra = ''): string {
+  return `hostname = "relay.example.test"
+data_dir = "./data"
+
+[listen]
+relay = "127.0.0.1:0"
+
+[delivery]
+thread = true
+
+[[route]]
+domains = ["thread.test"]
+host = "127.0.0.1"
+port = ${sinkPort}
+tls = "none"
+
+[[connector]]
+name = "loopback"
+networks = ["127.0.0.0/8"]
+${extra}`;
+}
+
+describe('delivery in a worker thread', () => {
+  it('delivers, logs from the thread, and stops cleanly', async () => {
+    const sink = await SinkServer.start();
+    const dir = tempDir('postern-thread-');
+    fs.writeFileSync(path.join(dir, 'postern.toml'), configText(sink.port));
+    const server = await startServeProcess({ cwd: dir, args: ['--config', path.join(dir, 'postern.toml')] });
+    try {
+      const transport = nodemailer.createTransport({ host: '127.0.0.1', port: server.ports.relay!, ignoreTLS: true });
+      for (let i = 0; i < 5; i++) {
+        await transport.sendMail({ envelope: { from: 'cam@thread.test', to: [`inbox${i}@thread.test`] }, raw: `Message-ID: <t${i}@thread.test>\r\nSubject: ${i}\r\n\r\nhello\r\n` });
+      }
+      await sink.waitForMessages(5, 15_000);
+      expect(sink.messages.map((m) => m.to[0]).sort()).toEqual([0, 1, 2, 3, 4].map((i) => `inbox${i}@thread.test`));
+      // Every stdout line is a whole JSON object, the thread's included.
+      const lines = await waitFor(() => {
+        const parsed = server
+          .stdout()
+          .split('\n')
+          .filter(Boolean)
+          .map((l) => JSON.parse(l) as Record<string, unknown>);
+        return parsed.filter((l) => l.event === 'delivered').length >= 5 && parsed;
+      }, 10_000, 'five delivered log lines');
+      expect(lines.filter((l) => l.event === 'delivered').every((l) => l.thread === 'delivery')).toBe(true);
+    } finally {
+      expect(await server.stop()).toBe(0);
+      await sink.close();
+    }
+    const stopped = server.stdout().split('\n').filter(Boolean).map((l) => JSON.parse(l) as Record<string, unknown>);
+    expect(stopped.at(-1)?.event).toBe('stopped');
+  });
+
+  it('stops start-up with exit code 2 when the thread finds a configuration error', () => {
+    const dir = tempDir('postern-thread-');
+    const file = path.join(dir, 'postern.toml');
+    fs.writeFileSync(
+      file,
+      configText(25, `
+[[upstream]]
+name = "isp"
+type = "smtp"
+host = "127.0.0.1"
+username = "relay@example.net"
+password_file = "missing.pass"
+`),
+    );
+    const r = spawnSync(process.execPath, [BIN, 'serve', '--config', file], { cwd: dir, encoding: 'utf8', timeout: 20_000 });
+    expect(r.status).toBe(2);
+    expect(r.stderr).toContain(`${file}: invalid configuration\n  - upstream "isp": cannot read password_file ${path.join(dir, 'missing.pass')}: no such file (ENOENT)`);
+    expect(r.stderr).not.toContain('Postern ready');
+  });
+});
