@@ -95,43 +95,15 @@ export class PosternProcess {
     await addAccount(configFile, account);
 
     const logFile = path.join(s.dir, 'postern.log');
-    const logFd = fs.openSync(logFile, 'a');
-    const env = { ...process.env };
-    if (s.logLevel) env.POSTERN_LOG_LEVEL = s.logLevel;
-    else delete env.POSTERN_LOG_LEVEL;
-    const child = spawn(process.execPath, [...s.nodeArgs, bin, 'serve', '--config', configFile], {
-      cwd: repoRoot,
-      env,
-      stdio: ['ignore', logFd, 'pipe'],
-    });
-    fs.closeSync(logFd);
-    // Postern has no IPC channel to notice the bench going away: should the bench die without
-    // its cleanup running, take Postern with it rather than leave it listening.
-    const killOnExit = () => child.kill('SIGKILL');
-    process.once('exit', killOnExit);
-    child.once('exit', () => process.off('exit', killOnExit));
-    let stderr = '';
-    child.stderr!.on('data', (chunk: Buffer) => {
-      if (stderr.length < 50_000) stderr += chunk.toString();
+    const { child, summary } = await spawnServe({
+      configFile,
+      logFile,
+      logLevel: s.logLevel,
+      nodeArgs: s.nodeArgs,
+      ready: (stderr) => stderr.includes('Postern ready'),
     });
     try {
-      await new Promise<void>((resolve, reject) => {
-        const timer = setTimeout(() => reject(new Error(`Postern did not print "Postern ready" within 60 s:\n${stderr}`)), 60_000);
-        const onData = () => {
-          if (!stderr.includes('Postern ready')) return;
-          clearTimeout(timer);
-          child.stderr!.off('data', onData);
-          child.off('exit', onExit);
-          resolve();
-        };
-        const onExit = (code: number | null) => {
-          clearTimeout(timer);
-          reject(new Error(`Postern exited (${code}) before it was ready:\n${stderr}`));
-        };
-        child.stderr!.on('data', onData);
-        child.once('exit', onExit);
-      });
-      const ports = portsFromSummary(stderr) ?? (await listeningPorts(logFile));
+      const ports = portsFromSummary(summary) ?? (await listeningPorts(logFile));
       return new PosternProcess(child, ports, logFile);
     } catch (err) {
       await stopChild(child, 2000);
@@ -162,6 +134,62 @@ async function addAccount(configFile: string, account: { user: string; pass: str
     });
   });
   if (code !== 0) throw new Error(`postern account add failed (${code}): ${output.trim()}`);
+}
+
+/**
+ * Starts `node bin/postern.js serve --config <configFile>` as an operator would, its JSON log lines
+ * (stdout) appended to `logFile`, and resolves once its start-up summary (stderr) satisfies
+ * `ready`, with the summary. Shared by the bench and the soak (src/soak/soak-postern.ts).
+ */
+export async function spawnServe(o: {
+  configFile: string;
+  logFile: string;
+  /** POSTERN_LOG_LEVEL; undefined keeps the config's. */
+  logLevel?: string;
+  nodeArgs?: string[];
+  ready: (stderr: string) => boolean;
+}): Promise<{ child: ChildProcess; summary: string }> {
+  const logFd = fs.openSync(o.logFile, 'a');
+  const env = { ...process.env };
+  if (o.logLevel) env.POSTERN_LOG_LEVEL = o.logLevel;
+  else delete env.POSTERN_LOG_LEVEL;
+  const child = spawn(process.execPath, [...(o.nodeArgs ?? []), bin, 'serve', '--config', o.configFile], {
+    cwd: repoRoot,
+    env,
+    stdio: ['ignore', logFd, 'pipe'],
+  });
+  fs.closeSync(logFd);
+  // Postern has no IPC channel to notice its parent going away: should the parent die without
+  // its cleanup running, take Postern with it rather than leave it listening.
+  const killOnExit = () => child.kill('SIGKILL');
+  process.once('exit', killOnExit);
+  child.once('exit', () => process.off('exit', killOnExit));
+  let stderr = '';
+  child.stderr!.on('data', (chunk: Buffer) => {
+    if (stderr.length < 50_000) stderr += chunk.toString();
+  });
+  try {
+    await new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`Postern was not ready within 60 s:\n${stderr}`)), 60_000);
+      const onData = () => {
+        if (!o.ready(stderr)) return;
+        clearTimeout(timer);
+        child.stderr!.off('data', onData);
+        child.off('exit', onExit);
+        resolve();
+      };
+      const onExit = (code: number | null) => {
+        clearTimeout(timer);
+        reject(new Error(`Postern exited (${code}) before it was ready:\n${stderr}`));
+      };
+      child.stderr!.on('data', onData);
+      child.once('exit', onExit);
+    });
+  } catch (err) {
+    child.kill('SIGKILL');
+    throw err;
+  }
+  return { child, summary: stderr };
 }
 
 /**

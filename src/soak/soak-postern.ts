@@ -10,6 +10,7 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { spawnServe } from '../bench/postern-process.js';
 import { readCpuSeconds } from '../bench/proc-stats.js';
 import { DESTINATIONS, SOAK_SENDER, SOAK_SENDER_DOMAIN } from './soak-mix.js';
 
@@ -126,49 +127,18 @@ export class SoakPostern {
     if (added.code !== 0) throw new Error(`postern account add failed (${added.code}): ${added.output.trim()}`);
 
     const logFile = path.join(s.dir, 'postern.log');
-    const logFd = fs.openSync(logFile, 'a');
-    const env = { ...process.env };
-    if (s.logLevel) env.POSTERN_LOG_LEVEL = s.logLevel;
-    else delete env.POSTERN_LOG_LEVEL;
-    const child = spawn(process.execPath, [bin, 'serve', '--config', configFile], {
-      cwd: repoRoot,
-      env,
-      stdio: ['ignore', logFd, 'pipe'],
+    const { child, summary } = await spawnServe({
+      configFile,
+      logFile,
+      logLevel: s.logLevel,
+      ready: (stderr) => /Postern ready[\s\S]*\n {2}delivery /.test(stderr),
     });
-    fs.closeSync(logFd);
-    // Should the soak die without its cleanup, take Postern with it rather than leave it running.
-    const killOnExit = () => child.kill('SIGKILL');
-    process.once('exit', killOnExit);
-    child.once('exit', () => process.off('exit', killOnExit));
-    let stderr = '';
-    child.stderr!.on('data', (chunk: Buffer) => {
-      if (stderr.length < 50_000) stderr += chunk.toString();
-    });
-    try {
-      const port = await new Promise<number>((resolve, reject) => {
-        const timer = setTimeout(() => reject(new Error(`Postern did not print its summary within 60 s:\n${stderr}`)), 60_000);
-        const onData = () => {
-          // The summary is written in one piece; its delivery line comes after the listeners.
-          if (!/Postern ready[\s\S]*\n {2}delivery /.test(stderr)) return;
-          clearTimeout(timer);
-          child.stderr!.off('data', onData);
-          child.off('exit', onExit);
-          const m = /^ {2}submission +127\.0\.0\.1:(\d+) /m.exec(stderr);
-          if (m) resolve(Number(m[1]));
-          else reject(new Error(`no submission port in Postern's summary:\n${stderr}`));
-        };
-        const onExit = (code: number | null) => {
-          clearTimeout(timer);
-          reject(new Error(`Postern exited (${code}) before it was ready:\n${stderr}`));
-        };
-        child.stderr!.on('data', onData);
-        child.once('exit', onExit);
-      });
-      return new SoakPostern(child, port, configFile, logFile, path.join(s.dir, 'data'));
-    } catch (err) {
+    const m = /^ {2}submission +127\.0\.0\.1:(\d+) /m.exec(summary);
+    if (!m) {
       child.kill('SIGKILL');
-      throw err;
+      throw new Error(`no submission port in Postern's summary:\n${summary}`);
     }
+    return new SoakPostern(child, Number(m[1]), configFile, logFile, path.join(s.dir, 'data'));
   }
 
   /**
