@@ -24,6 +24,7 @@ import { promisify } from 'node:util';
 import nodemailer from 'nodemailer';
 import { afterAll, describe, expect, it } from 'vitest';
 import { RawSmtp, type Reply } from './helpers/raw-smtp.js';
+import { sinkRouteToml } from './helpers/postern-harness.js';
 import { BIN, killAllServeProcesses, startServeProcess } from './helpers/serve-process.js';
 import { type ReceivedMessage, SinkServer } from './helpers/sink-server.js';
 import { tempDir } from './helpers/temp-dir.js';
@@ -160,16 +161,7 @@ recipients_per_day = 100000000
 first_retry = "1s"
 max_retry_interval = "2s"
 
-[[route]]
-domains = ["crash.test"]
-host = "127.0.0.1"
-port = ${sink.port}
-tls = "none"
-
-[[connector]]
-name = "loopback"
-networks = ["127.0.0.0/8"]
-`,
+${sinkRouteToml('crash.test', sink.port)}`,
     );
     const startServer = async () =>
       (await startServeProcess({ cwd: dir, args: ['--config', configPath], env: { POSTERN_LOG_LEVEL: 'warn' } })).child;

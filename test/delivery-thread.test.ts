@@ -9,6 +9,7 @@ import path from 'node:path';
 import nodemailer from 'nodemailer';
 import { afterAll, describe, expect, it } from 'vitest';
 import { BIN, killAllServeProcesses, startServeProcess } from './helpers/serve-process.js';
+import { sinkRouteToml } from './helpers/postern-harness.js';
 import { SinkServer } from './helpers/sink-server.js';
 import { tempDir } from './helpers/temp-dir.js';
 import { waitFor } from './helpers/wait-for.js';
@@ -25,16 +26,7 @@ relay = "127.0.0.1:0"
 [delivery]
 thread = true
 
-[[route]]
-domains = ["thread.test"]
-host = "127.0.0.1"
-port = ${sinkPort}
-tls = "none"
-
-[[connector]]
-name = "loopback"
-networks = ["127.0.0.0/8"]
-${extra}`;
+${sinkRouteToml('thread.test', sinkPort)}${extra}`;
 }
 
 describe('delivery in a worker thread', () => {

@@ -10,7 +10,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import BetterSqlite3 from 'better-sqlite3';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { type TestPostern, startTestPostern } from './helpers/postern-harness.js';
+import { sinkRouteToml, startTestPostern, type TestPostern } from './helpers/postern-harness.js';
 import { RawSmtp } from './helpers/raw-smtp.js';
 import { SinkServer } from './helpers/sink-server.js';
 import { tempDir } from './helpers/temp-dir.js';
@@ -143,16 +143,7 @@ messages_per_minute = 100000
 first_retry = "1s"
 max_retry_interval = "1s"
 
-[[route]]
-domains = ["disk.test"]
-host = "127.0.0.1"
-port = ${sinkPort}
-tls = "none"
-
-[[connector]]
-name = "loopback"
-networks = ["127.0.0.0/8"]
-`;
+${sinkRouteToml('disk.test', sinkPort)}`;
 }
 
 /** A Postern whose data_dir is on its own tmpfs (config and log elsewhere: they are not the store). */

@@ -8,6 +8,7 @@ import nodemailer from 'nodemailer';
 import { afterAll, describe, expect, it } from 'vitest';
 import { openStore } from '../src/store/open-store.js';
 import { BIN, killAllServeProcesses, startServeProcess } from './helpers/serve-process.js';
+import { sinkRouteToml } from './helpers/postern-harness.js';
 import { SinkServer } from './helpers/sink-server.js';
 import { tempDir } from './helpers/temp-dir.js';
 import { waitFor } from './helpers/wait-for.js';
@@ -32,16 +33,7 @@ relay = "127.0.0.1:0"
 [queue]
 ${queue}
 
-[[route]]
-domains = ["example.test"]
-host = "127.0.0.1"
-port = ${sinkPort}
-tls = "none"
-
-[[connector]]
-name = "loopback"
-networks = ["127.0.0.0/8"]
-`,
+${sinkRouteToml('example.test', sinkPort)}`,
   );
 }
 

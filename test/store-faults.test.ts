@@ -12,6 +12,7 @@ import path from 'node:path';
 import BetterSqlite3 from 'better-sqlite3';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { RawSmtp } from './helpers/raw-smtp.js';
+import { sinkRouteToml } from './helpers/postern-harness.js';
 import { type ServeProcess, killAllServeProcesses, startServeProcess } from './helpers/serve-process.js';
 import { SinkServer } from './helpers/sink-server.js';
 import { tempDir } from './helpers/temp-dir.js';
@@ -47,16 +48,7 @@ messages_per_minute = 100000
 first_retry = "1s"
 max_retry_interval = "1s"
 
-[[route]]
-domains = ["lock.test"]
-host = "127.0.0.1"
-port = ${sink.port}
-tls = "none"
-
-[[connector]]
-name = "loopback"
-networks = ["127.0.0.0/8"]
-`,
+${sinkRouteToml('lock.test', sink.port)}`,
   );
   server = await startServeProcess({ cwd: dir, args: ['--config', path.join(dir, 'postern.toml')] });
 });

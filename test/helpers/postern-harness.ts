@@ -41,6 +41,23 @@ networks = ["127.0.0.0/8"]
 ${extra}`;
 }
 
+/**
+ * A `[[route]]` sending `domain` to a plain-text sink on 127.0.0.1:`port`, and the loopback
+ * connector (so the relay port takes mail from the tests): the usual tail of a serve-process config.
+ */
+export function sinkRouteToml(domain: string, port: number): string {
+  return `[[route]]
+domains = ["${domain}"]
+host = "127.0.0.1"
+port = ${port}
+tls = "none"
+
+[[connector]]
+name = "loopback"
+networks = ["127.0.0.0/8"]
+`;
+}
+
 export async function startTestPostern(options: { extra?: string; text?: string; dir?: string } = {}): Promise<TestPostern> {
   const dir = options.dir ?? tempDir();
   const file = path.join(dir, 'postern.toml');
