@@ -22,6 +22,7 @@
 // Wake-ups: notify() (the intake calls it after each enqueue), the completion of a delivery (a
 // slot is free), and a timer at store.nextDueAt(), capped so that changes made by another process
 // (`postern queue retry`) are noticed within `maxSleep`.
+import { setTimeout as sleep } from 'node:timers/promises';
 import type { Config } from '../config/load-config.js';
 import { ConnectionPool } from '../delivery/connection-pool.js';
 import { deliveryError } from '../delivery/delivery-error.js';
@@ -292,13 +293,9 @@ export class QueueRunner {
           { event: 'store_write_failed', queueId, what, err: (err as Error).message, retryMs: pause },
           `cannot record the delivery ${what === 'bounce' ? 'bounce' : 'results'}; retrying`,
         );
-        await new Promise<void>((resolve) => {
-          const timer = setTimeout(resolve, pause);
-          this.#abort.signal.addEventListener('abort', () => {
-            clearTimeout(timer);
-            resolve();
-          }, { once: true });
-        });
+        // Cut short by stop()'s abort; the timer removes its abort listener either way (a long
+        // store outage must not pile listeners onto the runner's signal).
+        await sleep(pause, undefined, { signal: this.#abort.signal }).catch(() => undefined);
       }
     }
   }
