@@ -93,14 +93,17 @@ const duration = z
     return Number(m[1]) * unit;
   });
 
-const hostPort = z.string().transform((value, ctx) => {
-  const m = /^(?:\[([0-9a-fA-F:.]+)\]|([^:[\]]+))(?::(\d{1,5}))?$/.exec(value.trim());
-  if (!m) {
-    ctx.addIssue({ code: 'custom', message: `expected "host" or "host:port", got "${value}"` });
-    return z.NEVER;
-  }
-  return { host: (m[1] ?? m[2])!, port: m[3] ? Number(m[3]) : 53 };
-});
+/** "host" or "host:port" (an IPv6 address in brackets), `defaultPort` when none is given. */
+const hostPort = (defaultPort: number) =>
+  z.string().transform((value, ctx) => {
+    const m = /^(?:\[([0-9a-fA-F:.]+)\]|([^:[\]\s]+))(?::(\d{1,5}))?$/.exec(value.trim());
+    const p = m?.[3] ? Number(m[3]) : defaultPort;
+    if (!m || p < 1 || p > 65535) {
+      ctx.addIssue({ code: 'custom', message: `expected "host" or "host:port", got "${value}"` });
+      return z.NEVER;
+    }
+    return { host: (m[1] ?? m[2])!, port: p };
+  });
 
 const domainName = z
   .string()
@@ -124,7 +127,7 @@ const port = z.number().int().min(1).max(65535);
 // into tickets, backups and repositories; a password in it goes wherever the file goes.
 
 /** Kinds of upstream that are planned but not in this version: named as such in the error. */
-const PLANNED_UPSTREAM_TYPES = ['microsoft365', 'google'];
+const PLANNED_UPSTREAM_TYPES: string[] = [];
 
 const upstreamName = z
   .string()
@@ -182,9 +185,104 @@ const smtpUpstream = z
   })
   .transform(({ password: _inline, ...u }) => ({ ...u, port: u.port ?? { starttls: 587, implicit: 465, none: 25 }[u.tls] }));
 
+/**
+ * Sending limits of one upstream identity (a mailbox), kept by Postern before the provider has to
+ * refuse anything (src/delivery/upstreams/send-limits.ts). Each kind sets its provider's defaults.
+ */
+function limitsSchema(defaults: { messages_per_minute?: number; messages_per_day?: number; recipients_per_day?: number; connections: number }) {
+  return z
+    .strictObject({
+      messages_per_minute: z.number().positive().optional(),
+      messages_per_day: z.number().positive().optional(),
+      recipients_per_day: z.number().positive().optional(),
+      /** SMTP connections at once per mailbox. */
+      connections: z.number().int().positive().optional(),
+      /**
+       * For tests and benchmarks against a stand-in: every window is multiplied by this (0.01
+       * makes "a minute" 600 ms). Never below 0.001.
+       */
+      time_scale: z.number().min(0.001).max(1).default(1),
+    })
+    .default({ time_scale: 1 })
+    .transform((l) => ({
+      messages_per_minute: l.messages_per_minute ?? defaults.messages_per_minute,
+      messages_per_day: l.messages_per_day ?? defaults.messages_per_day,
+      recipients_per_day: l.recipients_per_day ?? defaults.recipients_per_day,
+      connections: l.connections ?? defaults.connections,
+      time_scale: l.time_scale,
+    }));
+}
+
+const httpsUrl = z.url({ protocol: /^https$/, error: 'expected an https:// URL (credentials are only sent over TLS)' });
+
+const mailboxAddress = z.string().regex(/^[^@\s]+@[^@\s]+$/, 'expected a mailbox address such as "relay@contoso.com"');
+
+/** Keys every OAuth2 upstream shares. */
+const oauthUpstreamKeys = {
+  name: upstreamName,
+  /**
+   * Send all mail as this mailbox (it needs SendAs rights on the senders it sends for). Default:
+   * each message as its envelope sender's mailbox.
+   */
+  mailbox: mailboxAddress.optional(),
+  verify_certificate: z.boolean().default(true),
+  /** PEM CAs to trust for the token endpoint and the SMTP server instead of the public ones. */
+  ca_file: z.string().min(1).optional(),
+};
+
+const INLINE_CLIENT_SECRET =
+  'a client secret is never written in the configuration file: put it in a file readable only by Postern and set client_secret_file = "secrets/NAME.secret", or set client_secret_env = "VARIABLE"';
+
+const microsoft365Upstream = z
+  .strictObject({
+    type: z.literal('microsoft365'),
+    ...oauthUpstreamKeys,
+    method: z.enum(['smtp', 'graph']).default('smtp'),
+    /** The tenant: its primary domain (contoso.onmicrosoft.com) or its ID. */
+    tenant: z.string().regex(/^[A-Za-z0-9.-]+$/, 'expected the tenant\'s domain (contoso.onmicrosoft.com) or its ID (a GUID)'),
+    client_id: z.string().min(1),
+    client_secret_file: z.string().min(1).optional(),
+    client_secret_env: envName.optional(),
+    client_secret: z.unknown().optional(),
+    /** Certificate credentials: the certificate uploaded to the app registration (PEM) and its private key. */
+    certificate_file: z.string().min(1).optional(),
+    private_key_file: z.string().min(1).optional(),
+    authority: httpsUrl.default('https://login.microsoftonline.com'),
+    smtp: hostPort(587).default({ host: 'smtp.office365.com', port: 587 }),
+    /** Exchange Online's limits for SMTP submission, per mailbox. */
+    limits: limitsSchema({ messages_per_minute: 30, recipients_per_day: 10_000, connections: 3 }),
+  })
+  .superRefine((u, ctx) => {
+    if (u.client_secret !== undefined) ctx.addIssue({ code: 'custom', path: ['client_secret'], message: INLINE_CLIENT_SECRET });
+    const ways = [u.client_secret_file !== undefined, u.client_secret_env !== undefined, u.certificate_file !== undefined].filter(Boolean).length;
+    if (ways === 0 && u.client_secret === undefined) {
+      ctx.addIssue({ code: 'custom', path: ['client_secret_file'], message: 'set client_secret_file, client_secret_env, or certificate_file with private_key_file' });
+    }
+    if (ways > 1) ctx.addIssue({ code: 'custom', path: ['client_secret_file'], message: 'set one of client_secret_file, client_secret_env or certificate_file' });
+    if ((u.certificate_file === undefined) !== (u.private_key_file === undefined)) {
+      ctx.addIssue({ code: 'custom', path: ['private_key_file'], message: 'certificate_file and private_key_file go together (they may name the same PEM file)' });
+    }
+    if (u.method === 'graph') {
+      ctx.addIssue({ code: 'custom', path: ['method'], message: 'method = "graph" is not available in this version yet; use method = "smtp"' });
+    }
+  })
+  .transform(({ client_secret: _inline, ...u }) => u);
+
+const googleUpstream = z.strictObject({
+  type: z.literal('google'),
+  ...oauthUpstreamKeys,
+  /** The service account's JSON key file (with domain-wide delegation for https://mail.google.com/). */
+  service_account_file: z.string().min(1),
+  /** Default: the key file's token_uri. */
+  token_url: httpsUrl.optional(),
+  smtp: hostPort(587).default({ host: 'smtp.gmail.com', port: 587 }),
+  /** Google Workspace's limits per user: 2,000 messages and 10,000 recipients a day. */
+  limits: limitsSchema({ messages_per_day: 2_000, recipients_per_day: 10_000, connections: 3 }),
+});
+
 /** Every kind of upstream this version can deliver through, by `type`. */
-const UPSTREAM_SCHEMAS = [smtpUpstream] as const;
-export const UPSTREAM_TYPES = ['smtp'] as const;
+const UPSTREAM_SCHEMAS = [smtpUpstream, microsoft365Upstream, googleUpstream] as const;
+export const UPSTREAM_TYPES = ['smtp', 'microsoft365', 'google'] as const;
 
 const upstream = z.discriminatedUnion('type', UPSTREAM_SCHEMAS, {
   error: (issue) => {
@@ -304,7 +402,7 @@ export const configSchema = z
       .prefault({}),
     delivery: z
       .strictObject({
-        dns_servers: z.array(hostPort).optional(),
+        dns_servers: z.array(hostPort(53)).optional(),
         concurrency: z.number().int().positive().default(100),
         per_destination: z.number().int().positive().default(10),
         connect_timeout: duration.default(30_000),

@@ -6,6 +6,7 @@
 //
 // A secret that cannot be read stops start-up with a ConfigError naming the configuration file,
 // the upstream, the secret's file or variable, and the reason; the value never appears in it.
+import { createPrivateKey } from 'node:crypto';
 import fs from 'node:fs';
 import { inspect } from 'node:util';
 
@@ -74,6 +75,62 @@ export function readCertificateFile(file: string, key: string): string {
     throw new SecretError(`${key} ${file} holds no PEM certificate ("-----BEGIN CERTIFICATE-----")`);
   }
   return text;
+}
+
+/** A PEM private key (PKCS#8 or PKCS#1, unencrypted), kept as a Secret. */
+export function readPrivateKeyFile(file: string, key: string): Secret {
+  const text = readText(file, key);
+  const pem = /-----BEGIN (RSA |EC )?PRIVATE KEY-----[\s\S]+?-----END (RSA |EC )?PRIVATE KEY-----/.exec(text)?.[0];
+  if (!pem) {
+    const why = text.includes('ENCRYPTED PRIVATE KEY') ? 'its private key is encrypted; Postern needs it unencrypted (and the file readable by Postern only)' : 'it holds no PEM private key ("-----BEGIN PRIVATE KEY-----")';
+    throw new SecretError(`${key} ${file}: ${why}`);
+  }
+  try {
+    createPrivateKey(pem);
+  } catch (err) {
+    throw new SecretError(`${key} ${file}: the private key cannot be read (${(err as Error).message})`);
+  }
+  return new Secret(pem, `file ${file}`);
+}
+
+export interface ServiceAccountKey {
+  clientEmail: string;
+  privateKeyId: string;
+  privateKey: Secret;
+  tokenUri: string;
+}
+
+/** A Google service account's JSON key file, as the Cloud console downloads it. */
+export function readServiceAccountFile(file: string, key: string): ServiceAccountKey {
+  const text = readText(file, key);
+  let json: Record<string, unknown>;
+  try {
+    json = JSON.parse(text) as Record<string, unknown>;
+  } catch {
+    throw new SecretError(`${key} ${file} is not JSON (expected the service account key file from the Google Cloud console)`);
+  }
+  if (json.type !== 'service_account') throw new SecretError(`${key} ${file} is not a service account key ("type": "service_account")`);
+  const missing = ['client_email', 'private_key', 'private_key_id', 'token_uri'].filter((k) => typeof json[k] !== 'string' || json[k] === '');
+  if (missing.length) throw new SecretError(`${key} ${file} lacks ${missing.join(', ')}`);
+  try {
+    createPrivateKey(json.private_key as string);
+  } catch (err) {
+    throw new SecretError(`${key} ${file}: its private_key cannot be read (${(err as Error).message})`);
+  }
+  return {
+    clientEmail: json.client_email as string,
+    privateKeyId: json.private_key_id as string,
+    privateKey: new Secret(json.private_key as string, `file ${file}`),
+    tokenUri: json.token_uri as string,
+  };
+}
+
+function readText(file: string, key: string): string {
+  try {
+    return fs.readFileSync(file, 'utf8');
+  } catch (err) {
+    throw new SecretError(`cannot read ${key} ${file}: ${describeFsError(err as NodeJS.ErrnoException)}`);
+  }
 }
 
 function describeFsError(err: NodeJS.ErrnoException): string {

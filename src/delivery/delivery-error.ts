@@ -48,7 +48,23 @@ export const DELIVERY_ERRORS = {
   },
   AUTH_UNAVAILABLE: {
     enhanced: '4.7.4',
-    text: 'Cannot log in to {destination}: {server} does not offer AUTH PLAIN or LOGIN (it offers {offered})',
+    text: 'Cannot log in to {destination}: {server} does not offer {wanted} (it offers {offered})',
+  },
+  TOKEN_REFUSED: {
+    enhanced: '4.7.0',
+    text: 'Cannot get an access token for {destination}: the token endpoint refused Postern\'s credentials: {reason}',
+  },
+  TOKEN_UNAVAILABLE: {
+    enhanced: '4.4.1',
+    text: 'Cannot get an access token for {destination}: {reason}',
+  },
+  NO_MAILBOX: {
+    enhanced: '4.7.0',
+    text: 'Cannot send mail from the null sender through {destination}: no mailbox to send as (set mailbox on the upstream)',
+  },
+  THROTTLED: {
+    enhanced: '4.7.0',
+    text: 'Waiting for {destination}: {limit}; next try at {until}',
   },
   MESSAGE_TOO_BIG: {
     enhanced: '5.3.4',

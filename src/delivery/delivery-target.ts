@@ -44,6 +44,13 @@ export interface RecipientResult {
   /** The server that gave the reply (MX or route host name), when there was one. */
   remoteMta?: string;
   remoteIp?: string;
+  /**
+   * Deferred without being tried: the target's own sending limits hold it until then. The queue
+   * puts it back for that time without counting an attempt.
+   */
+  waitUntil?: number;
+  /** Deferred by a server that said when to come back (throttling): retried then, not on the backoff. */
+  retryAt?: number;
 }
 
 /** A result before it is tied to a recipient. */

@@ -22,6 +22,7 @@ import net from 'node:net';
 import { type Readable, Transform, pipeline } from 'node:stream';
 import mxConnect, { type MxConnection, type MxConnectError } from 'mx-connect';
 import SMTPConnection from 'nodemailer/lib/smtp-connection';
+import XOAuth2 from 'nodemailer/lib/xoauth2';
 import { type DeliveryError, deliveryError, parseReply } from './delivery-error.js';
 import type { DeliveryOutcome, TlsMode } from './delivery-target.js';
 import type { MailHost } from './mx-resolver.js';
@@ -29,16 +30,46 @@ import type { MailHost } from './mx-resolver.js';
 /** The TLS modes of delivery targets, plus implicit TLS (the socket speaks TLS from the start). */
 export type SessionTls = TlsMode | 'implicit';
 
-export interface SessionAuth {
+/**
+ * How the session logs in: a password (AUTH PLAIN or LOGIN), or an OAuth2 access token (AUTH
+ * XOAUTH2, Microsoft 365 and Google) for the mailbox `user`.
+ */
+export type SessionAuth = PasswordAuth | TokenAuth;
+
+export interface PasswordAuth {
   user: string;
   /** Called when AUTH is sent, so the password is not copied into options objects. */
   pass(): string;
+}
+
+export interface TokenAuth {
+  /** The mailbox the session sends as (XOAUTH2's user=). */
+  user: string;
+  /**
+   * The access token; `renew` when the server refused the last one. A failure to get one throws a
+   * TokenFailure, which ends the setup with its outcome.
+   */
+  token(renew: boolean): Promise<string>;
+}
+
+/** Thrown by TokenAuth.token(): what to report instead of a login attempt. */
+export class TokenFailure extends Error {
+  readonly outcome: DeliveryOutcome;
+  readonly problem: SetupProblem | undefined;
+
+  constructor(outcome: DeliveryOutcome, problem?: SetupProblem) {
+    super(outcome.response);
+    this.outcome = outcome;
+    this.problem = problem;
+  }
 }
 
 /** What went wrong in the setup, when it was more than "this host did not work". */
 export type SetupProblem =
   /** The server refused the credentials (535 and the like): a configuration problem. */
   | 'auth_refused'
+  /** The OAuth2 token endpoint refused Postern's client credentials: a configuration problem. */
+  | 'token_refused'
   /** The server offers no AUTH mechanism Postern can use. */
   | 'auth_unavailable'
   /** The server's certificate is not trusted (verification on). */
@@ -205,7 +236,7 @@ export class SmtpSession {
       lastProblem = result.problem;
       // Refused credentials are refused on every address of the host: trying them on the next
       // one only adds failed logins, which providers count towards locking the account.
-      if (result.problem === 'auth_refused' || result.problem === 'auth_unavailable') break;
+      if (result.problem === 'auth_refused' || result.problem === 'auth_unavailable' || result.problem === 'token_refused') break;
     }
     return {
       failure: lastFailure ?? deliveryError('CONNECT_FAILED', { destination: options.destination, reason: 'no host' }).toOutcome(),
@@ -335,18 +366,19 @@ export class SmtpSession {
       });
       return;
     }
-    const ehlo = (connection as unknown as ConnectionInternals)._ehloLines;
+    const offered = offeredMechanisms(connection);
+    if ('token' in auth) {
+      SmtpSession.#loginWithToken(connection, watch, auth, options, server, where, offered, finish);
+      return;
+    }
     let method: 'PLAIN' | 'LOGIN' | undefined;
-    if (Array.isArray(ehlo)) {
-      const offered = ehlo.flatMap((line) => {
-        const m = /^AUTH[\s=](.*)/i.exec(line);
-        return m ? m[1]!.trim().toUpperCase().split(/[\s=]+/) : [];
-      });
+    if (offered) {
       method = offered.includes('PLAIN') ? 'PLAIN' : offered.includes('LOGIN') ? 'LOGIN' : undefined;
       if (!method) {
         const failure = deliveryError('AUTH_UNAVAILABLE', {
           destination: options.destination,
           server,
+          wanted: 'AUTH PLAIN or LOGIN',
           offered: offered.length ? `AUTH ${[...new Set(offered)].join(' ')}` : 'no AUTH',
         }).toOutcome(where);
         finish(undefined, { failure, problem: 'auth_unavailable' });
@@ -354,12 +386,66 @@ export class SmtpSession {
       }
     } else if (!connection.allowsAuth) {
       // nodemailer no longer keeps the EHLO lines: its own reading of them still says "no AUTH".
-      const failure = deliveryError('AUTH_UNAVAILABLE', { destination: options.destination, server, offered: 'no AUTH' }).toOutcome(where);
+      const failure = deliveryError('AUTH_UNAVAILABLE', { destination: options.destination, server, wanted: 'AUTH PLAIN or LOGIN', offered: 'no AUTH' }).toOutcome(where);
       finish(undefined, { failure, problem: 'auth_unavailable' });
       return;
     }
     watch.begin();
     connection.login({ user: auth.user, pass: auth.pass(), ...(method ? { method } : {}) }, (err) => finish(err as SmtpClientError | undefined));
+  }
+
+  /**
+   * AUTH XOAUTH2 as `auth.user`, with nodemailer's XOAuth2 building the SASL string from the token
+   * `auth.token()` gives. A refused token is renewed and tried once more on the same connection
+   * (a token revoked or cut short before its announced expiry looks exactly like this); a second
+   * refusal is the server's answer. A token that cannot be had ends the setup with its own outcome.
+   */
+  static #loginWithToken(
+    connection: SMTPConnection,
+    watch: ReplyWatch,
+    auth: TokenAuth,
+    options: SmtpSessionOptions,
+    server: string,
+    where: { remoteMta: string; remoteIp: string },
+    offered: string[] | undefined,
+    finish: (err?: SmtpClientError, decided?: { failure: DeliveryOutcome; problem: SetupProblem }) => void,
+  ): void {
+    if (offered ? !offered.includes('XOAUTH2') : !connection.allowsAuth) {
+      const failure = deliveryError('AUTH_UNAVAILABLE', {
+        destination: options.destination,
+        server,
+        wanted: 'AUTH XOAUTH2',
+        offered: offered?.length ? `AUTH ${[...new Set(offered)].join(' ')}` : 'no AUTH',
+      }).toOutcome(where);
+      finish(undefined, { failure, problem: 'auth_unavailable' });
+      return;
+    }
+    let tokenFailure: TokenFailure | undefined;
+    const attempt = (renew: boolean) => {
+      const oauth2 = new XOAuth2({
+        user: auth.user,
+        provisionCallback: (_user, renewAsked, callback) => {
+          auth.token(renew || renewAsked).then(
+            (token) => callback(null, token),
+            (err: Error) => {
+              if (err instanceof TokenFailure) tokenFailure = err;
+              callback(err);
+            },
+          );
+        },
+      });
+      watch.begin();
+      connection.login({ user: auth.user, oauth2, method: 'XOAUTH2' }, (err) => {
+        const error = err as SmtpClientError | null;
+        if (tokenFailure) return finish(undefined, { failure: tokenFailure.outcome, problem: tokenFailure.problem ?? 'token_refused' });
+        if (error && !renew && error.code === 'EAUTH' && error.responseCode !== undefined && error.responseCode >= 500 && !connection.destroyed) {
+          attempt(true);
+          return;
+        }
+        finish(error ?? undefined);
+      });
+    };
+    attempt(false);
   }
 
   /**
@@ -728,4 +814,17 @@ class ReplyWatch {
     this.end();
     this.#connection.close();
   }
+}
+
+/**
+ * The SASL mechanisms in the EHLO reply ("AUTH LOGIN XOAUTH2", or the old "AUTH=LOGIN"), upper
+ * case; undefined when nodemailer no longer keeps the EHLO lines (then its own allowsAuth decides).
+ */
+function offeredMechanisms(connection: SMTPConnection): string[] | undefined {
+  const ehlo = (connection as unknown as ConnectionInternals)._ehloLines;
+  if (!Array.isArray(ehlo)) return undefined;
+  return ehlo.flatMap((line) => {
+    const m = /^AUTH[\s=](.*)/i.exec(line);
+    return m ? m[1]!.trim().toUpperCase().split(/[\s=]+/) : [];
+  });
 }

@@ -13,6 +13,10 @@
 //     DSN per message and round, sent to the envelope sender unless it is the null sender or the
 //     recipient asked for no failure notice. The DSN is queued before the outcome is recorded: a
 //     crash in between can send a bounce twice, never lose it.
+//   - A target may hold a recipient back without trying (an upstream's sending limits: Exchange
+//     allows a mailbox 30 messages a minute): it goes back to the queue for the time the target
+//     gave, not counted as an attempt, logged as "waiting". A server that says when to come back
+//     (throttling) is retried then instead of on the backoff.
 //   - If the process dies mid-delivery, recipients stay in_flight; start() puts them back
 //     (store.releaseInFlight) and they are tried again. A message may then arrive twice, which is
 //     SMTP's usual trade (RFC 5321 6.1: duplicates over loss).
@@ -339,7 +343,22 @@ export class QueueRunner {
         },
       };
     }
-    const nextAttemptAt = now + retryDelay(attempts, this.#config.queue);
+    if (result.waitUntil !== undefined && result.waitUntil <= message.expiresAt) {
+      // Held back by the target's own sending limits, not tried: back in the queue for its slot,
+      // without counting an attempt (the response says what it waits for).
+      return {
+        outcome: {
+          index: r.index,
+          state: 'queued',
+          code: r.lastCode,
+          response: result.response,
+          nextAttemptAt: Math.max(result.waitUntil, now),
+          countsAsAttempt: false,
+        },
+      };
+    }
+    // A server that said when to come back (throttling) is retried then, not on the backoff.
+    const nextAttemptAt = result.retryAt !== undefined ? Math.max(result.retryAt, now) : now + retryDelay(attempts, this.#config.queue);
     if (nextAttemptAt > message.expiresAt) {
       const tries = attempts === 1 ? '1 attempt' : `${attempts} attempts`;
       const expired = deliveryError('EXPIRED', { attempts: tries, last: result.response });
@@ -390,7 +409,8 @@ export class QueueRunner {
     durationMs: number,
   ): void {
     const expired = outcome.state === 'failed' && result.status === 'deferred';
-    const event = outcome.state === 'queued' ? 'released' : expired ? 'expired' : outcome.state;
+    const waiting = outcome.state === 'queued' && result.waitUntil !== undefined;
+    const event = waiting ? 'waiting' : outcome.state === 'queued' ? 'released' : expired ? 'expired' : outcome.state;
     const line = {
       event,
       queueId: message.queueId,
@@ -404,9 +424,10 @@ export class QueueRunner {
       response: outcome.response,
       attempt: r.attempts + 1,
       durationMs,
-      ...(outcome.state === 'deferred' ? { nextAttemptAt: new Date(outcome.nextAttemptAt!).toISOString() } : {}),
+      ...(outcome.state === 'deferred' || waiting ? { nextAttemptAt: new Date(outcome.nextAttemptAt!).toISOString() } : {}),
     };
     if (event === 'delivered') this.#log.info(line, 'delivered');
+    else if (waiting) this.#log.info(line, 'waiting for the upstream\'s sending limit');
     else if (event === 'released') this.#log.info(line, 'delivery interrupted; queued again');
     else this.#log.warn(line, event === 'deferred' ? 'deferred' : 'delivery failed');
   }

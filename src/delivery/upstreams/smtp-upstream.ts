@@ -33,6 +33,7 @@ import type { DeliveryJob, DeliveryOutcome, DeliveryTarget, RecipientResult } fr
 import type { SessionTls, SetupProblem } from '../smtp-session.js';
 import { SmtpTarget } from '../smtp-target.js';
 import { hostPortLabel, resolveStaticHost } from '../static-host.js';
+import { UpstreamHolds } from './upstream-holds.js';
 
 export interface UpstreamContext {
   pool: ConnectionPool;
@@ -55,10 +56,6 @@ export interface SmtpUpstreamSecrets {
 /** tls = "starttls" is STARTTLS required (no plaintext fallback); "implicit" is TLS from the first byte. */
 const SESSION_TLS = { starttls: 'required', implicit: 'implicit', none: 'none' } as const satisfies Record<SmtpUpstreamConfig['tls'], SessionTls>;
 
-/** Hold after a refused login: this long the first time, doubling per refusal up to HOLD_MAX_MS. */
-const HOLD_FIRST_MS = 60_000;
-const HOLD_MAX_MS = 3_600_000;
-
 export class SmtpUpstreamTarget implements DeliveryTarget {
   readonly key: string;
   readonly description: string;
@@ -66,17 +63,12 @@ export class SmtpUpstreamTarget implements DeliveryTarget {
   readonly #config: SmtpUpstreamConfig;
   readonly #inner: SmtpTarget;
   readonly #log: Logger | undefined;
-  readonly #now: () => number;
-  /** Set after a refused login: deliveries until `until` get `outcome` without connecting. */
-  #held: { until: number; outcome: DeliveryOutcome } | undefined;
-  #refusals = 0;
-  /** The configuration problem last logged, so a broken upstream logs it once, not per message. */
-  #lastLogged: string | undefined;
+  readonly #holds: UpstreamHolds;
 
   constructor(config: SmtpUpstreamConfig, secrets: SmtpUpstreamSecrets, context: UpstreamContext) {
     this.#config = config;
     this.#log = context.logger?.child({ component: 'upstream', upstream: config.name });
-    this.#now = context.now ?? Date.now;
+    this.#holds = new UpstreamHolds(config.name, this.#log, context.now ?? Date.now);
     this.name = config.name;
     this.key = `upstream:${config.name.toLowerCase()}`;
     const where = hostPortLabel(config.host, config.port);
@@ -105,11 +97,11 @@ export class SmtpUpstreamTarget implements DeliveryTarget {
   }
 
   async deliver(job: DeliveryJob): Promise<RecipientResult[]> {
-    const held = this.#held;
-    if (held && this.#now() < held.until) return job.recipients.map((r) => ({ ...held.outcome, index: r.index }));
+    const held = this.#holds.held('');
+    if (held) return job.recipients.map((r) => ({ ...held, index: r.index }));
     const results = await this.#inner.deliver(job);
-    if (results.some((r) => r.status === 'delivered')) this.#recovered();
-    let problem: string | undefined;
+    if (results.some((r) => r.status === 'delivered')) this.#holds.recovered('');
+    let problem: 'auth_required' | 'relay_denied' | undefined;
     const classified = results.map((result) => {
       const reason = configurationReply(result);
       if (!reason) return result;
@@ -118,55 +110,19 @@ export class SmtpUpstreamTarget implements DeliveryTarget {
     });
     if (problem) {
       const first = classified.find((r) => configurationReply(r))!;
-      this.#logProblem(problem, first, problemAdvice(problem, this.#config));
+      this.#holds.problem('', problem, first, problemAdvice(problem, this.#config), this.#fields());
     }
     return classified;
   }
 
   #onSetupProblem(problem: SetupProblem, failure: DeliveryOutcome): void {
-    if (problem === 'auth_refused') {
-      // A connection opened before the hold began (deliveries run side by side): the hold and its
-      // log line are there already, and this refusal must not lengthen it.
-      if (this.#held && this.#now() < this.#held.until) return;
-      this.#refusals++;
-      const holdMs = Math.min(HOLD_FIRST_MS * 2 ** (this.#refusals - 1), HOLD_MAX_MS);
-      this.#held = { until: this.#now() + holdMs, outcome: failure };
-      // Every refusal is logged: there is at most one per hold, and each is worth knowing about.
-      this.#lastLogged = undefined;
-      this.#logProblem('auth_refused', failure, problemAdvice('auth_refused', this.#config), {
-        holdMs,
-        heldUntil: new Date(this.#held.until).toISOString(),
-      });
-      return;
-    }
-    this.#logProblem(problem, failure, problemAdvice(problem, this.#config));
+    const advice = problemAdvice(problem, this.#config);
+    if (problem === 'auth_refused') this.#holds.hold('', problem, failure, advice, this.#fields());
+    else this.#holds.problem('', problem, failure, advice, this.#fields());
   }
 
-  #recovered(): void {
-    if (this.#refusals > 0 || this.#lastLogged) {
-      this.#log?.info({ event: 'upstream_recovered' }, `upstream ${this.name} accepts mail again`);
-    }
-    this.#refusals = 0;
-    this.#held = undefined;
-    this.#lastLogged = undefined;
-  }
-
-  #logProblem(problem: string, failure: DeliveryOutcome, advice: string, extra: Record<string, unknown> = {}): void {
-    const signature = `${problem} ${failure.response}`;
-    if (this.#lastLogged === signature) return;
-    this.#lastLogged = signature;
-    this.#log?.error(
-      {
-        event: `upstream_${problem}`,
-        host: failure.remoteMta,
-        ip: failure.remoteIp,
-        ...(this.#config.username ? { username: this.#config.username } : {}),
-        code: failure.code,
-        response: failure.response,
-        ...extra,
-      },
-      `upstream ${this.name}: ${advice}; its mail is deferred (not bounced) until then`,
-    );
+  #fields(): Record<string, unknown> {
+    return this.#config.username ? { username: this.#config.username } : {};
   }
 }
 

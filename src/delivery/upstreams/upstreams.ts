@@ -3,13 +3,17 @@
 // start-up with every such problem listed, naming the upstream, the file or variable and the
 // reason, before a single listener is open.
 //
-// Each kind of upstream (`type`) gets its target here; "microsoft365" and "google" will slot in
-// next to "smtp" with their own targets (OAuth2 token, XOAUTH2 or Graph), behind the same
-// DeliveryTarget contract.
+// Each kind of upstream (`type`) gets its target here, behind the same DeliveryTarget contract:
+// "smtp" a smarthost with a password, "microsoft365" (method smtp) and "google" XOAUTH2 with an
+// OAuth2 token from the provider's token endpoint.
 import { ConfigError } from '../../config/load-config.js';
 import type { UpstreamConfig } from '../../config/config-schema.js';
-import { SecretError, readCertificateFile, readSecretEnv, readSecretFile } from '../../config/secret.js';
+import { SecretError, readCertificateFile, readPrivateKeyFile, readSecretEnv, readSecretFile, readServiceAccountFile } from '../../config/secret.js';
 import type { DeliveryTarget } from '../delivery-target.js';
+import { OAuthSmtpUpstreamTarget, type OAuthSmtpUpstreamSpec } from './oauth-smtp-upstream.js';
+import { GoogleTokenSource, type MicrosoftCredentials, MicrosoftTokenSource, type TokenEndpointOptions, type TokenSource } from './oauth2-tokens.js';
+import { type ReplyClassifier, classifyGoogleReply, classifyMicrosoftReply } from './provider-replies.js';
+import type { WindowLimit } from './send-limits.js';
 import { SmtpUpstreamTarget, type SmtpUpstreamSecrets, type UpstreamContext } from './smtp-upstream.js';
 
 export type { UpstreamContext };
@@ -53,5 +57,72 @@ function createTarget(upstream: UpstreamConfig, context: UpstreamContext, env: N
       if (upstream.ca_file && upstream.tls !== 'none') secrets.ca = readCertificateFile(upstream.ca_file, 'ca_file');
       return new SmtpUpstreamTarget(upstream, secrets, context);
     }
+    case 'microsoft365': {
+      const ca = upstream.ca_file ? readCertificateFile(upstream.ca_file, 'ca_file') : undefined;
+      const credentials: MicrosoftCredentials = {
+        authority: upstream.authority,
+        tenant: upstream.tenant,
+        clientId: upstream.client_id,
+        scope: 'https://outlook.office365.com/.default',
+      };
+      if (upstream.client_secret_file) credentials.secret = readSecretFile(upstream.client_secret_file, 'client_secret_file');
+      else if (upstream.client_secret_env) credentials.secret = readSecretEnv(upstream.client_secret_env, 'client_secret_env', env);
+      else if (upstream.certificate_file && upstream.private_key_file) {
+        credentials.certificate = {
+          certificatePem: readCertificateFile(upstream.certificate_file, 'certificate_file'),
+          privateKey: readPrivateKeyFile(upstream.private_key_file, 'private_key_file'),
+        };
+      }
+      const tokens = new MicrosoftTokenSource(credentials, tokenOptions(upstream.name, ca, context));
+      return new OAuthSmtpUpstreamTarget(oauthSpec(upstream, 'microsoft365', tokens, ca, classifyMicrosoftReply), context);
+    }
+    case 'google': {
+      const ca = upstream.ca_file ? readCertificateFile(upstream.ca_file, 'ca_file') : undefined;
+      const account = readServiceAccountFile(upstream.service_account_file, 'service_account_file');
+      const tokens = new GoogleTokenSource(
+        { ...account, tokenUri: upstream.token_url ?? account.tokenUri, scope: 'https://mail.google.com/' },
+        tokenOptions(upstream.name, ca, context),
+      );
+      return new OAuthSmtpUpstreamTarget(oauthSpec(upstream, 'google', tokens, ca, classifyGoogleReply), context);
+    }
   }
+}
+
+function tokenOptions(name: string, ca: string | undefined, context: UpstreamContext): TokenEndpointOptions {
+  return { destination: `upstream ${name}`, timeoutMs: context.connectTimeout + context.commandTimeout, ...(ca ? { ca } : {}), ...(context.now ? { now: context.now } : {}) };
+}
+
+type OAuthUpstreamConfig = Extract<UpstreamConfig, { type: 'microsoft365' | 'google' }>;
+
+function oauthSpec(upstream: OAuthUpstreamConfig, provider: string, tokens: TokenSource, ca: string | undefined, classify: ReplyClassifier): OAuthSmtpUpstreamSpec {
+  return {
+    name: upstream.name,
+    provider,
+    host: upstream.smtp.host,
+    port: upstream.smtp.port,
+    verify: upstream.verify_certificate ? (ca ? { ca } : {}) : undefined,
+    tokens,
+    mailbox: upstream.mailbox,
+    limits: windowLimits(upstream.limits),
+    connectionsPerMailbox: upstream.limits.connections,
+    classify,
+  };
+}
+
+const MINUTE = 60_000;
+const DAY = 86_400_000;
+
+/**
+ * The configured limits as sliding windows, scaled by time_scale (tests and benchmarks). Each
+ * window is 2% longer than the provider's: Postern counts a message when it lets it go, the
+ * provider when it arrives, and a message that waited longer for a connection than the one a
+ * window later would otherwise make the provider count one too many.
+ */
+function windowLimits(limits: OAuthUpstreamConfig['limits']): WindowLimit[] {
+  const scale = limits.time_scale * 1.02;
+  const windows: WindowLimit[] = [];
+  if (limits.messages_per_minute) windows.push({ label: `${limits.messages_per_minute} messages a minute`, limit: limits.messages_per_minute, windowMs: MINUTE * scale, unit: 'messages' });
+  if (limits.messages_per_day) windows.push({ label: `${limits.messages_per_day} messages a day`, limit: limits.messages_per_day, windowMs: DAY * scale, unit: 'messages', budget: true });
+  if (limits.recipients_per_day) windows.push({ label: `${limits.recipients_per_day} recipients a day`, limit: limits.recipients_per_day, windowMs: DAY * scale, unit: 'recipients', budget: true });
+  return windows;
 }

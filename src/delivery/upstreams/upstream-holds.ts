@@ -1,0 +1,92 @@
+// Holding an upstream (or one of its mailboxes) after it refused Postern's credentials, and
+// logging each configuration problem once instead of once per message.
+//
+// Providers lock an account after a few failed logins, and a queue of 500 messages retried one by
+// one would be 500 failed logins. So after a refusal the scope is held: for a minute (doubling on
+// each new refusal, up to an hour) its mail is deferred with the refusal's reply without
+// connecting. The first delivery that succeeds ends the hold. A scope is "" for the whole upstream
+// or a mailbox address.
+import type { Logger } from '../../observe/logger.js';
+import type { DeliveryOutcome } from '../delivery-target.js';
+
+const HOLD_FIRST_MS = 60_000;
+const HOLD_MAX_MS = 3_600_000;
+
+interface Hold {
+  until: number;
+  outcome: DeliveryOutcome;
+  refusals: number;
+}
+
+export class UpstreamHolds {
+  readonly #name: string;
+  readonly #log: Logger | undefined;
+  readonly #now: () => number;
+  readonly #holds = new Map<string, Hold>();
+  /** Problems logged and not yet cleared by a success, by scope: "problem reply". */
+  readonly #logged = new Map<string, string>();
+
+  constructor(name: string, log: Logger | undefined, now: () => number) {
+    this.#name = name;
+    this.#log = log;
+    this.#now = now;
+  }
+
+  /** The outcome to give without trying, while `scope` (or the whole upstream) is held. */
+  held(scope: string): DeliveryOutcome | undefined {
+    const now = this.#now();
+    for (const key of scope === '' ? [''] : ['', scope.toLowerCase()]) {
+      const hold = this.#holds.get(key);
+      if (hold && now < hold.until) return hold.outcome;
+    }
+    return undefined;
+  }
+
+  /**
+   * Holds `scope` after a refusal and logs it with `advice`. A refusal that arrives while the hold
+   * is on (a connection opened before it began) neither lengthens it nor logs again.
+   */
+  hold(scope: string, problem: string, failure: DeliveryOutcome, advice: string, fields: Record<string, unknown> = {}): void {
+    const key = scope.toLowerCase();
+    const now = this.#now();
+    const previous = this.#holds.get(key);
+    if (previous && now < previous.until) return;
+    const refusals = (previous?.refusals ?? 0) + 1;
+    const holdMs = Math.min(HOLD_FIRST_MS * 2 ** (refusals - 1), HOLD_MAX_MS);
+    this.#holds.set(key, { until: now + holdMs, outcome: failure, refusals });
+    // Every hold is logged: there is at most one per hold period, and each is worth knowing about.
+    this.#logged.delete(key);
+    this.problem(scope, problem, failure, advice, { ...fields, holdMs, heldUntil: new Date(now + holdMs).toISOString() });
+  }
+
+  /** Logs a configuration problem, once per scope until it changes or a delivery succeeds. */
+  problem(scope: string, problem: string, failure: DeliveryOutcome, advice: string, fields: Record<string, unknown> = {}): void {
+    const key = scope.toLowerCase();
+    const signature = `${problem} ${failure.response}`;
+    if (this.#logged.get(key) === signature) return;
+    this.#logged.set(key, signature);
+    this.#log?.error(
+      {
+        event: `upstream_${problem}`,
+        ...(scope ? { mailbox: scope } : {}),
+        host: failure.remoteMta,
+        ip: failure.remoteIp,
+        code: failure.code,
+        response: failure.response,
+        ...fields,
+      },
+      `upstream ${this.#name}: ${advice}; its mail is deferred (not bounced) until then`,
+    );
+  }
+
+  /** A delivery through `scope` succeeded: its hold (and the whole upstream's) ends. */
+  recovered(scope: string): void {
+    const keys = ['', scope.toLowerCase()];
+    if (!keys.some((k) => this.#holds.has(k) || this.#logged.has(k))) return;
+    for (const k of keys) {
+      this.#holds.delete(k);
+      this.#logged.delete(k);
+    }
+    this.#log?.info({ event: 'upstream_recovered', ...(scope ? { mailbox: scope } : {}) }, `upstream ${this.#name} accepts mail again`);
+  }
+}

@@ -1,0 +1,100 @@
+// The sliding-window planner behind upstream sending limits (src/delivery/upstreams/send-limits.ts),
+// on a clock the test moves: a burst is planned at exactly the allowed rate, a reserved slot
+// belongs to its message, several windows combine, and the 80% budget warning fires once.
+import { describe, expect, it } from 'vitest';
+import { type BudgetWarning, SendLimits, type WindowLimit } from '../src/delivery/upstreams/send-limits.js';
+
+const MINUTE = 60_000;
+const perMinute = (n: number): WindowLimit => ({ label: `${n} messages a minute`, limit: n, windowMs: MINUTE, unit: 'messages' });
+
+/** Sends every queued message as soon as the planner allows, like the queue would; returns the send times. */
+function drain(limits: SendLimits, identity: string, ids: string[], recipients = 1): number[] {
+  const sent: number[] = [];
+  const due = new Map<string, number>(ids.map((id) => [id, 0]));
+  for (let guard = 0; due.size > 0 && guard < 100_000; guard++) {
+    const [id, at] = [...due.entries()].sort((a, b) => a[1] - b[1])[0]!;
+    const admission = limits.admit(identity, id, recipients, at);
+    if (admission.go) {
+      sent.push(at);
+      due.delete(id);
+    } else {
+      expect(admission.at).toBeGreaterThan(at);
+      due.set(id, admission.at);
+    }
+  }
+  return sent;
+}
+
+/** Most sends in any window of `windowMs` (ending at each send). */
+function maxInWindow(times: number[], windowMs: number): number {
+  let max = 0;
+  for (const t of times) max = Math.max(max, times.filter((s) => s > t - windowMs && s <= t).length);
+  return max;
+}
+
+describe('send limits', () => {
+  it('lets a burst of 100 go at 30 a minute: never more than 30 in any minute, and no slower', () => {
+    const limits = new SendLimits([perMinute(30)]);
+    const ids = Array.from({ length: 100 }, (_, i) => `q${i}`);
+    const sent = drain(limits, 'printer@contoso.com', ids);
+    expect(sent).toHaveLength(100);
+    expect(maxInWindow(sent, MINUTE)).toBe(30);
+    // 30 at once, then 30 a minute later, and so on: the last 10 go at 3 minutes.
+    expect(sent.filter((t) => t === 0)).toHaveLength(30);
+    expect(Math.max(...sent)).toBe(3 * MINUTE);
+  });
+
+  it('keeps a reserved slot for its message: asked early it waits, asked at the slot it goes', () => {
+    const limits = new SendLimits([perMinute(1)]);
+    expect(limits.admit('a@x', 'first', 1, 0)).toEqual({ go: true });
+    const second = limits.admit('a@x', 'second', 1, 10);
+    expect(second).toMatchObject({ go: false, at: MINUTE });
+    // Claimed again early (a "queue retry"): still its slot, nobody else's.
+    expect(limits.admit('a@x', 'second', 1, 30_000)).toMatchObject({ go: false, at: MINUTE });
+    const third = limits.admit('a@x', 'third', 1, 30_000);
+    expect(third).toMatchObject({ go: false, at: 2 * MINUTE });
+    expect(limits.admit('a@x', 'second', 1, MINUTE)).toEqual({ go: true });
+    expect(limits.admit('a@x', 'third', 1, 2 * MINUTE)).toEqual({ go: true });
+  });
+
+  it('keeps mailboxes apart', () => {
+    const limits = new SendLimits([perMinute(1)]);
+    expect(limits.admit('a@x', '1', 1, 0)).toEqual({ go: true });
+    expect(limits.admit('B@x', '2', 1, 0)).toEqual({ go: true });
+    expect(limits.admit('b@X', '3', 1, 0)).toMatchObject({ go: false, at: MINUTE });
+  });
+
+  it('counts recipients in a recipient window, and combines it with the message window', () => {
+    const day = 86_400_000;
+    const limits = new SendLimits([
+      perMinute(30),
+      { label: '100 recipients a day', limit: 100, windowMs: day, unit: 'recipients', budget: true },
+    ]);
+    // 40 recipients per message: two fit in the day, the third waits for the first to leave it.
+    expect(limits.admit('a@x', '1', 40, 0)).toEqual({ go: true });
+    expect(limits.admit('a@x', '2', 40, 1000)).toEqual({ go: true });
+    expect(limits.admit('a@x', '3', 40, 2000)).toMatchObject({ go: false, at: day, limit: { unit: 'recipients' } });
+  });
+
+  it('warns once when a daily budget reaches 80%, and again after it fell below', () => {
+    const warnings: BudgetWarning[] = [];
+    const day = 86_400_000;
+    const limits = new SendLimits([{ label: '10 recipients a day', limit: 10, windowMs: day, unit: 'recipients', budget: true }], (w) => warnings.push(w));
+    for (let i = 0; i < 7; i++) limits.admit('a@x', `m${i}`, 1, i);
+    expect(warnings).toHaveLength(0);
+    limits.admit('a@x', 'm7', 1, 7);
+    expect(warnings).toEqual([{ identity: 'a@x', limit: expect.objectContaining({ limit: 10 }), used: 8 }]);
+    limits.admit('a@x', 'm8', 1, 8);
+    expect(warnings).toHaveLength(1);
+    // A day later the window is empty: below 80% again, so the next climb warns anew.
+    for (let i = 0; i < 8; i++) limits.admit('a@x', `n${i}`, 1, day + 100 + i);
+    expect(warnings).toHaveLength(2);
+  });
+
+  it('lets a message with more recipients than the whole limit go alone, when the window is empty', () => {
+    const limits = new SendLimits([{ label: '10 recipients a minute', limit: 10, windowMs: MINUTE, unit: 'recipients' }]);
+    expect(limits.admit('a@x', 'small', 5, 0)).toEqual({ go: true });
+    expect(limits.admit('a@x', 'huge', 50, 1)).toMatchObject({ go: false, at: MINUTE });
+    expect(limits.admit('a@x', 'huge', 50, MINUTE)).toEqual({ go: true });
+  });
+});
