@@ -51,10 +51,11 @@ export async function startPostern(config: Config, logger: Logger, options: Star
   let runner: Deliveries | undefined;
   try {
     const tls = await loadOrCreateTlsMaterial(config.tls.certFile, config.tls.keyFile, config.hostname);
-    runner = options.deliveryThread ? new DeliveryThread({ config, logger }) : new QueueRunner({ store, config, logger });
+    // Alert mails are queued; the runner (made next) is woken for them.
+    const events = new SecurityEvents({ store, logger, config, onQueued: () => runner?.notify() });
+    runner = options.deliveryThread ? new DeliveryThread({ config, logger }) : new QueueRunner({ store, config, logger, events });
     await runner.start();
     const queueRunner = runner;
-    const events = new SecurityEvents({ store, logger, config, onQueued: () => queueRunner.notify() });
     const started = (intake = new Intake({
       policy: new SessionPolicy(config, store, events),
       config,

@@ -30,6 +30,7 @@
 // Route hosts and upstream hosts are looked up with the system resolver (getaddrinfo, so
 // /etc/hosts and internal DNS names work); MX lookups use delivery.dns_servers when set.
 import type { Config } from '../config/load-config.js';
+import type { SecurityEventSink } from '../store/store.js';
 import type { Logger } from '../observe/logger.js';
 import type { ConnectionPool } from './connection-pool.js';
 import type { DeliveryTarget } from './delivery-target.js';
@@ -63,6 +64,8 @@ export interface RouterOptions {
   resolver: MxResolver;
   /** Upstreams log configuration problems (refused credentials, untrusted certificates) here. */
   logger?: Logger;
+  /** And report them, and mailboxes near a daily limit, as security events (alerts). */
+  events?: SecurityEventSink;
 }
 
 type Destination = { route: RouteConfig } | { upstream: UpstreamTarget };
@@ -107,7 +110,11 @@ export class Router {
   constructor(options: RouterOptions) {
     this.#options = options;
     const { config } = options;
-    this.#upstreams = createUpstreamTargets(config.upstream ?? [], config.file, { ...this.#targetOptions(), ...(options.logger ? { logger: options.logger } : {}) });
+    this.#upstreams = createUpstreamTargets(config.upstream ?? [], config.file, {
+      ...this.#targetOptions(),
+      ...(options.logger ? { logger: options.logger } : {}),
+      ...(options.events ? { events: options.events } : {}),
+    });
 
     for (const route of config.route) {
       for (const domain of route.domains) {

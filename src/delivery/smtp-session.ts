@@ -421,10 +421,13 @@ export class SmtpSession {
       return;
     }
     let tokenFailure: TokenFailure | undefined;
+    /** A fresh token was tried already (nodemailer renews by itself after a 334 challenge). */
+    let renewed = false;
     const attempt = (renew: boolean) => {
       const oauth2 = new XOAuth2({
         user: auth.user,
         provisionCallback: (_user, renewAsked, callback) => {
+          if (renew || renewAsked) renewed = true;
           auth.token(renew || renewAsked).then(
             (token) => callback(null, token),
             (err: Error) => {
@@ -438,7 +441,7 @@ export class SmtpSession {
       connection.login({ user: auth.user, oauth2, method: 'XOAUTH2' }, (err) => {
         const error = err as SmtpClientError | null;
         if (tokenFailure) return finish(undefined, { failure: tokenFailure.outcome, problem: tokenFailure.problem ?? 'token_refused' });
-        if (error && !renew && error.code === 'EAUTH' && error.responseCode !== undefined && error.responseCode >= 500 && !connection.destroyed) {
+        if (error && !renewed && error.code === 'EAUTH' && error.responseCode !== undefined && error.responseCode >= 500 && !connection.destroyed) {
           attempt(true);
           return;
         }

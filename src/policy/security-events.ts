@@ -1,15 +1,15 @@
 // Security events: lockouts, rate-limit hits, send-as denials, logins from new networks, volume
-// spikes. Each is stored (for `postern security events`), logged, and optionally sent on to an
+// spikes, upstreams refusing Postern's credentials and upstream mailboxes near a daily limit. Each is stored (for `postern security events`), logged, and optionally sent on to an
 // admin address (as a queued message) and/or a webhook (a JSON POST). Alerts never block the SMTP
 // session that caused them, and an alert that cannot be sent is logged, not retried forever.
 import type { Config } from '../config/load-config.js';
 import { formatRfc5322Date } from '../mail/rfc5322-date.js';
 import type { Logger } from '../observe/logger.js';
 import { enqueueLocalMessage } from '../queue/enqueue-local.js';
-import type { NewSecurityEvent, SecurityEventKind, Store } from '../store/store.js';
+import type { NewSecurityEvent, SecurityEventKind, SecurityEventSink, Store } from '../store/store.js';
 
 /** Kinds worth an alert (the others are stored and logged only). */
-const ALERT_KINDS: ReadonlySet<SecurityEventKind> = new Set(['lockout', 'new_network', 'volume_spike', 'rate_limited']);
+const ALERT_KINDS: ReadonlySet<SecurityEventKind> = new Set(['lockout', 'new_network', 'volume_spike', 'rate_limited', 'upstream_problem', 'upstream_budget']);
 
 /** At most one alert per kind and account (or address) in this period, so a storm is one mail. */
 const ALERT_QUIET_MS = 15 * 60_000;
@@ -22,7 +22,7 @@ export interface SecurityEventsOptions {
   onQueued?: () => void;
 }
 
-export class SecurityEvents {
+export class SecurityEvents implements SecurityEventSink {
   readonly #options: SecurityEventsOptions;
   readonly #lastAlert = new Map<string, number>();
   readonly #pending = new Set<Promise<unknown>>();

@@ -4,6 +4,7 @@
 import { parentPort, workerData } from 'node:worker_threads';
 import { type Config, ConfigError } from '../config/load-config.js';
 import { createLogger } from '../observe/logger.js';
+import { SecurityEvents } from '../policy/security-events.js';
 import { openStore } from '../store/open-store.js';
 import type { Store } from '../store/store.js';
 import type { ToWorker, WorkerData } from './delivery-thread.js';
@@ -39,7 +40,10 @@ let housekeeping: NodeJS.Timeout | undefined;
 
 async function start(): Promise<void> {
   store = await openStore((config as Config).dataDir);
-  runner = new QueueRunner({ store, config, logger });
+  // Upstream problems found here are stored and alerted from this thread, with its own store
+  // connection; an alert mail it queues is this runner's to deliver.
+  const events = new SecurityEvents({ store, logger, config: config as Config, onQueued: () => runner?.notify() });
+  runner = new QueueRunner({ store, config, logger, events });
   await runner.start();
   const upkeep = store;
   housekeeping = setInterval(() => {

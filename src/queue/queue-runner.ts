@@ -35,7 +35,7 @@ import { type DsnRecipient, enqueueDsn, readHeaderBlock, wantsFailureNotice } fr
 import { MxResolver } from '../delivery/mx-resolver.js';
 import { Router, type RouterConfig } from '../delivery/router.js';
 import type { Logger } from '../observe/logger.js';
-import type { QueueStore, QueuedMessage, QueuedRecipient, RecipientOutcome } from '../store/store.js';
+import type { QueueStore, QueuedMessage, QueuedRecipient, RecipientOutcome, SecurityEventSink } from '../store/store.js';
 import { retryDelay } from './retry-delay.js';
 
 export interface QueueRunnerOptions {
@@ -48,6 +48,8 @@ export interface QueueRunnerOptions {
   dnsTimeout?: number;
   /** Longest sleep between looks at the store, in ms (default 10000). */
   maxSleep?: number;
+  /** Upstream problems and budgets go here as security events (alerts). */
+  events?: SecurityEventSink;
   /** Clock, for tests. */
   now?: () => number;
 }
@@ -93,7 +95,7 @@ export class QueueRunner {
       timeout: options.dnsTimeout ?? Math.min(delivery.connect_timeout, 5000),
     });
     // Reads the upstreams' secrets: a ConfigError from here stops start-up.
-    this.#router = new Router({ config: options.config, pool: this.#pool, resolver, logger: options.logger });
+    this.#router = new Router({ config: options.config, pool: this.#pool, resolver, logger: options.logger, ...(options.events ? { events: options.events } : {}) });
   }
 
   /**

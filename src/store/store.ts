@@ -58,7 +58,16 @@ export type SecurityEventKind =
   | 'recipient_denied'
   | 'relay_denied'
   | 'new_network'
-  | 'volume_spike';
+  | 'volume_spike'
+  /** An upstream refused Postern's configuration (credentials, permissions): its mail is held. */
+  | 'upstream_problem'
+  /** An upstream mailbox has used 80% of a daily sending limit. */
+  | 'upstream_budget';
+
+/** Where code outside the SMTP session reports security events (SecurityEvents implements it). */
+export interface SecurityEventSink {
+  record(event: NewSecurityEvent): Promise<void>;
+}
 
 export interface NewSecurityEvent {
   kind: SecurityEventKind;

@@ -10,6 +10,7 @@ import path from 'node:path';
 import { afterEach } from 'vitest';
 import { type ConfigInput, configSchema } from '../../src/config/config-schema.js';
 import { type Logger, createLogger } from '../../src/observe/logger.js';
+import { SecurityEvents } from '../../src/policy/security-events.js';
 import { QueueRunner } from '../../src/queue/queue-runner.js';
 import { openStore } from '../../src/store/open-store.js';
 import { newQueueId } from '../../src/store/queue-id.js';
@@ -20,6 +21,8 @@ import { waitFor } from './wait-for.js';
 
 export interface Harness {
   store: Store;
+  /** Security events (upstream problems, budgets) recorded by the runner, stored in `store`. */
+  events: SecurityEvents;
   dns: TestDnsServer;
   runner: QueueRunner;
   logs: Record<string, unknown>[];
@@ -76,10 +79,13 @@ export function useDeliveryHarness(): DeliveryHarness {
       },
     });
     const config = { ...parsed, hostname: 'relay.test' };
-    const runner = new QueueRunner({
+    let runner: QueueRunner | undefined;
+    const events = new SecurityEvents({ store, logger, config, onQueued: () => runner?.notify() });
+    runner = new QueueRunner({
       store,
       config,
       logger,
+      events,
       dnsTimeout: options.dnsTimeout ?? 300,
       connectionIdleTimeout: options.connectionIdleTimeout ?? 2000,
     });
@@ -90,8 +96,10 @@ export function useDeliveryHarness(): DeliveryHarness {
       fs.rmSync(dir, { recursive: true, force: true });
     });
     if (options.start !== false) await runner.start();
+    const started = runner;
     return {
       store,
+      events,
       dns,
       runner,
       logs,
@@ -113,7 +121,7 @@ export function useDeliveryHarness(): DeliveryHarness {
           origin: { sessionId: `sess-${queueId}`, listener: 'submission', clientIp: '127.0.0.1' },
           messageIdHeader: `<${queueId}@client.test>`,
         });
-        runner.notify();
+        started.notify();
         return queueId;
       },
       async message(queueId) {

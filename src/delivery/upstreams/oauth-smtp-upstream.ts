@@ -15,7 +15,6 @@
 //   5. The replies, read the provider's way (provider-replies.ts): throttling waits, problems an
 //      administrator must fix are deferred and logged with the fix, never bounced.
 import type { Logger } from '../../observe/logger.js';
-import type { ConnectionPool } from '../connection-pool.js';
 import { deliveryError } from '../delivery-error.js';
 import type { DeliveryJob, DeliveryOutcome, DeliveryTarget, RecipientResult } from '../delivery-target.js';
 import type { SetupProblem } from '../smtp-session.js';
@@ -24,6 +23,7 @@ import { hostPortLabel, resolveStaticHost } from '../static-host.js';
 import type { TokenSource } from './oauth2-tokens.js';
 import type { ReplyClassifier } from './provider-replies.js';
 import { type BudgetWarning, SendLimits, type WindowLimit } from './send-limits.js';
+import type { UpstreamContext } from './smtp-upstream.js';
 import { UpstreamHolds } from './upstream-holds.js';
 
 export interface OAuthSmtpUpstreamSpec {
@@ -42,14 +42,7 @@ export interface OAuthSmtpUpstreamSpec {
   classify: ReplyClassifier;
 }
 
-export interface OAuthUpstreamContext {
-  pool: ConnectionPool;
-  heloName: string;
-  connectTimeout: number;
-  commandTimeout: number;
-  logger?: Logger;
-  now?: () => number;
-}
+export type OAuthUpstreamContext = UpstreamContext;
 
 export class OAuthSmtpUpstreamTarget implements DeliveryTarget {
   readonly key: string;
@@ -72,7 +65,7 @@ export class OAuthSmtpUpstreamTarget implements DeliveryTarget {
     this.description = `upstream ${spec.name} (${hostPortLabel(spec.host, spec.port)})`;
     this.#log = context.logger?.child({ component: 'upstream', upstream: spec.name });
     this.#now = context.now ?? Date.now;
-    this.#holds = new UpstreamHolds(spec.name, this.#log, this.#now);
+    this.#holds = new UpstreamHolds(spec.name, this.#log, this.#now, context.events);
     this.#limits = new SendLimits(spec.limits, (w) => this.#budgetWarning(w));
   }
 
@@ -179,10 +172,13 @@ export class OAuthSmtpUpstreamTarget implements DeliveryTarget {
   }
 
   #budgetWarning(w: BudgetWarning): void {
-    this.#log?.warn(
-      { event: 'upstream_budget', mailbox: w.identity, used: w.used, limit: w.limit.limit, unit: w.limit.unit },
-      `upstream ${this.name}: ${w.identity} has used ${w.used} of ${w.limit.label} (80% or more); mail over the limit waits for the window to move on`,
-    );
+    const message = `upstream ${this.name}: ${w.identity} has used ${w.used} of ${w.limit.label} (80% or more); mail over the limit waits for the window to move on`;
+    this.#log?.warn({ event: 'upstream_budget', mailbox: w.identity, used: w.used, limit: w.limit.limit, unit: w.limit.unit }, message);
+    void this.#context.events?.record({
+      kind: 'upstream_budget',
+      account: w.identity.toLowerCase(),
+      detail: { message, upstream: this.name, used: w.used, limit: w.limit.limit, unit: w.limit.unit },
+    });
   }
 }
 

@@ -28,6 +28,7 @@
 import type { SmtpUpstreamConfig } from '../../config/config-schema.js';
 import type { Secret } from '../../config/secret.js';
 import type { Logger } from '../../observe/logger.js';
+import type { SecurityEventSink } from '../../store/store.js';
 import type { ConnectionPool } from '../connection-pool.js';
 import type { DeliveryJob, DeliveryOutcome, DeliveryTarget, RecipientResult } from '../delivery-target.js';
 import type { SessionTls, SetupProblem } from '../smtp-session.js';
@@ -42,6 +43,8 @@ export interface UpstreamContext {
   connectTimeout: number;
   commandTimeout: number;
   logger?: Logger;
+  /** Configuration problems and budget warnings, as security events (alerts). */
+  events?: SecurityEventSink;
   /** Clock, for tests. */
   now?: () => number;
 }
@@ -68,7 +71,7 @@ export class SmtpUpstreamTarget implements DeliveryTarget {
   constructor(config: SmtpUpstreamConfig, secrets: SmtpUpstreamSecrets, context: UpstreamContext) {
     this.#config = config;
     this.#log = context.logger?.child({ component: 'upstream', upstream: config.name });
-    this.#holds = new UpstreamHolds(config.name, this.#log, context.now ?? Date.now);
+    this.#holds = new UpstreamHolds(config.name, this.#log, context.now ?? Date.now, context.events);
     this.name = config.name;
     this.key = `upstream:${config.name.toLowerCase()}`;
     const where = hostPortLabel(config.host, config.port);

@@ -7,6 +7,7 @@
 // connecting. The first delivery that succeeds ends the hold. A scope is "" for the whole upstream
 // or a mailbox address.
 import type { Logger } from '../../observe/logger.js';
+import type { SecurityEventSink } from '../../store/store.js';
 import type { DeliveryOutcome } from '../delivery-target.js';
 
 const HOLD_FIRST_MS = 60_000;
@@ -26,10 +27,13 @@ export class UpstreamHolds {
   /** Problems logged and not yet cleared by a success, by scope: "problem reply". */
   readonly #logged = new Map<string, string>();
 
-  constructor(name: string, log: Logger | undefined, now: () => number) {
+  readonly #events: SecurityEventSink | undefined;
+
+  constructor(name: string, log: Logger | undefined, now: () => number, events?: SecurityEventSink) {
     this.#name = name;
     this.#log = log;
     this.#now = now;
+    this.#events = events;
   }
 
   /** The outcome to give without trying, while `scope` (or the whole upstream) is held. */
@@ -65,6 +69,7 @@ export class UpstreamHolds {
     const signature = `${problem} ${failure.response}`;
     if (this.#logged.get(key) === signature) return;
     this.#logged.set(key, signature);
+    const message = `upstream ${this.#name}: ${advice}; its mail is deferred (not bounced) until then`;
     this.#log?.error(
       {
         event: `upstream_${problem}`,
@@ -75,8 +80,14 @@ export class UpstreamHolds {
         response: failure.response,
         ...fields,
       },
-      `upstream ${this.#name}: ${advice}; its mail is deferred (not bounced) until then`,
+      message,
     );
+    // Stored and alerted (at most one alert per mailbox or upstream every 15 minutes).
+    void this.#events?.record({
+      kind: 'upstream_problem',
+      ...(scope ? { account: key } : {}),
+      detail: { message, upstream: this.#name, problem, response: failure.response },
+    });
   }
 
   /** A delivery through `scope` succeeded: its hold (and the whole upstream's) ends. */
