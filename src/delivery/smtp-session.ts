@@ -575,7 +575,9 @@ export class SmtpSession {
   #setRejected(replies: Map<string, DeliveryOutcome>, rejected: SmtpClientError): void {
     if (!rejected.recipient || !rejected.response) return;
     const reply = parseReply(rejected.response);
-    if (reply) replies.set(rejected.recipient, this.#remote(reply.code, reply.enhanced, reply.response));
+    // "503 Need mail command" to a pipelined RCPT only echoes the refused MAIL FROM, whose reply
+    // is the one that says why (Exchange's "430 4.2.0 mailbox logon failure", say).
+    if (reply && reply.code !== 503) replies.set(rejected.recipient, this.#remote(reply.code, reply.enhanced, reply.response));
   }
 
   #remote(code: number, enhanced: string, response: string): DeliveryOutcome {

@@ -91,7 +91,13 @@ export class OAuthSmtpUpstreamTarget implements DeliveryTarget {
       });
     }
 
-    const results = await this.#targetFor(mailbox).deliver(job);
+    let results: RecipientResult[];
+    try {
+      results = await this.#targetFor(mailbox).deliver(job);
+    } finally {
+      // Counted from when it reached the provider (or failed to): see send-limits.ts.
+      this.#limits.settle(mailbox, job.queueId, this.#now());
+    }
     if (results.some((r) => r.status === 'delivered')) this.#holds.recovered(mailbox);
     return results.map((result) => this.#read(result, mailbox, job.sender));
   }

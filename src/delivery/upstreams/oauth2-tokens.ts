@@ -10,8 +10,8 @@
 //   - Google: the JWT-bearer grant of a service account with domain-wide delegation. The JWT
 //     names the mailbox to act for (`sub`), so there is one token per mailbox.
 //
-// Tokens are cached and fetched again before they expire (a fifth of their lifetime early, at most
-// five minutes), so a burst of mail never waits on an expired token; concurrent requests for the
+// Tokens are cached and fetched again before they expire (a fifth of their lifetime and a second
+// early, at most five minutes), so a burst of mail never waits on an expired token; concurrent requests for the
 // same token share one fetch. A server that refuses a token anyway (revoked, clock skew) gets a
 // fresh one (`renew`).
 //
@@ -42,9 +42,13 @@ export interface TokenEndpointOptions {
   now?: () => number;
 }
 
-/** Refresh this long before expiry: a fifth of the lifetime, at most five minutes. */
+/**
+ * Refresh this long before expiry: a fifth of the lifetime plus a second (a token's `exp` is in
+ * whole seconds, so it may end up to a second before `expires_in` says), at most five minutes,
+ * at most half the lifetime.
+ */
 function refreshMargin(lifetimeMs: number): number {
-  return Math.min(lifetimeMs / 5, 5 * 60_000);
+  return Math.min(lifetimeMs / 5 + 1000, 5 * 60_000, lifetimeMs / 2);
 }
 
 interface CachedToken {

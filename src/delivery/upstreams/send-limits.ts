@@ -1,19 +1,29 @@
 // Keeping one upstream identity (a Microsoft 365 or Google mailbox) under its provider's sending
 // limits before they are hit, instead of learning them from refusals: Exchange Online allows a
-// mailbox 30 messages a minute and 10,000 recipients a day over SMTP, and a message over the limit
-// gets "554 5.2.0 SubmissionQuotaExceeded", which many relays would bounce.
+// mailbox 30 messages a minute and 10,000 recipients a day over SMTP, and a mailbox over its daily
+// recipients gets "554 5.2.0 SubmissionQuotaExceeded", which many relays would bounce.
 //
-// Each limit is a sliding window ("at most N in any T"), counted in messages or recipients.
-// Sending is planned, not polled: a message that may not go now gets a reservation, the earliest
-// time at which every window has room for it, and later reservations queue behind it. The queue
-// then puts the message back with that time (not counted as an attempt), and when it comes back
-// its reserved slot is its own. So a burst of 500 messages from one device is accepted at once and
-// leaves at exactly the allowed rate, each message claimed twice at most, none refused.
+// Each limit is a sliding window ("at most N in any T"), counted in messages or recipients, as the
+// provider counts them: when a message reaches it. So each send is an entry that goes through
+// three states:
 //
-// Reservations are appended in time order, so checking the window that ends at the new entry is
-// enough: no earlier window gains an entry. The state lives in memory: after a restart the windows
-// start empty (the provider's own count does not), and the classification of the provider's
-// throttling replies (SubmissionQuotaExceeded: retry later) covers that gap.
+//   - reserved: the message may not go now; it gets a slot, the earliest time the windows have
+//     room for it behind the messages already waiting, and goes back to the queue until then (not
+//     counted as an attempt). Later reservations queue behind it, so a burst of 500 messages is
+//     planned once, at the allowed rate, and each message is claimed about twice.
+//   - in flight: admitted and being delivered. It counts in every window until it is done,
+//     whatever its time, because the provider will count it when it arrives.
+//   - done: counted at the time the delivery finished (settle()), which is when the provider saw
+//     it, or later.
+//
+// A slot is a plan, and plans meet latency: a message that waited a second for a connection
+// arrives a second late, and the one a window after it would then make one too many. So admission
+// is checked again when a reserved message comes back: only what is in flight or done counts, and
+// if the window is still full the slot moves to when it frees.
+//
+// The state lives in memory: after a restart the windows start empty (the provider's count does
+// not), and the classification of the provider's throttling replies (SubmissionQuotaExceeded:
+// retry later) covers that gap.
 
 export interface WindowLimit {
   /** For texts: "30 messages a minute". */
@@ -26,66 +36,15 @@ export interface WindowLimit {
   budget?: boolean;
 }
 
+type EntryState = 'reserved' | 'in_flight' | 'done';
+
 interface Entry {
+  id: string;
+  /** reserved: the slot; in flight: when it was let go; done: when the delivery finished. */
   at: number;
-  units: number;
-}
-
-/** One sliding window: entries in time order, the oldest dropped once out of the window. */
-class SlidingWindow {
-  readonly spec: WindowLimit;
-  readonly #entries: Entry[] = [];
-  #head = 0;
-  #total = 0;
-
-  constructor(spec: WindowLimit) {
-    this.spec = spec;
-  }
-
-  /** Units counted in the window that ends at `now` (entries after `now` included: reserved). */
-  used(now: number): number {
-    this.#prune(now);
-    return this.#total;
-  }
-
-  /**
-   * The earliest time at or after `from` (and after the last entry) at which `units` more fit. A
-   * message larger than the whole limit goes when the window is empty, alone.
-   */
-  earliest(from: number, units: number): number {
-    this.#prune(from);
-    const last = this.#entries.length > this.#head ? this.#entries[this.#entries.length - 1]!.at : from;
-    let at = Math.max(from, last);
-    const room = Math.min(units, this.spec.limit);
-    let total = this.#total;
-    let i = this.#head;
-    // Entries older than at - windowMs no longer count; drop them (in this calculation) until the
-    // rest plus this one fit.
-    while (i < this.#entries.length && (this.#entries[i]!.at <= at - this.spec.windowMs || total + room > this.spec.limit)) {
-      const entry = this.#entries[i]!;
-      at = Math.max(at, entry.at + this.spec.windowMs);
-      total -= entry.units;
-      i++;
-    }
-    return at;
-  }
-
-  add(at: number, units: number): void {
-    this.#entries.push({ at, units });
-    this.#total += units;
-  }
-
-  #prune(now: number): void {
-    while (this.#head < this.#entries.length && this.#entries[this.#head]!.at <= now - this.spec.windowMs) {
-      this.#total -= this.#entries[this.#head]!.units;
-      this.#head++;
-    }
-    // Compact now and then so the array does not grow for ever.
-    if (this.#head > 1024 && this.#head * 2 > this.#entries.length) {
-      this.#entries.splice(0, this.#head);
-      this.#head = 0;
-    }
-  }
+  /** Recipients (the message windows count 1 per entry). */
+  recipients: number;
+  state: EntryState;
 }
 
 export type Admission =
@@ -101,23 +60,36 @@ export interface BudgetWarning {
 
 /** Reservations not taken up this long after their slot are dropped (message deleted, say). */
 const STALE_RESERVATION_MS = 3_600_000;
+/** An in-flight entry never settled (a bug, a crash of the delivery) stops counting after this. */
+const STALE_IN_FLIGHT_MS = 3_600_000;
 
-/** The limits of one identity (a mailbox). */
-class IdentityLimits {
-  readonly windows: SlidingWindow[];
-  /** queueId -> reserved time and the window that decided it. */
-  readonly reservations = new Map<string, { at: number; limit: WindowLimit }>();
-  /** Windows whose 80% warning has been given and not yet reset by falling below it. */
-  readonly warned = new Set<SlidingWindow>();
+/** The sends of one identity (a mailbox), shared by all its windows. */
+class IdentitySends {
+  readonly entries = new Map<string, Entry>();
+  /** Budget windows whose 80% warning has been given and not yet reset by falling below it. */
+  readonly warned = new Set<WindowLimit>();
+  #longestWindow: number;
 
   constructor(limits: readonly WindowLimit[]) {
-    this.windows = limits.map((l) => new SlidingWindow(l));
+    this.#longestWindow = Math.max(...limits.map((l) => l.windowMs));
+  }
+
+  prune(now: number): void {
+    for (const [id, e] of this.entries) {
+      const stale =
+        (e.state === 'done' && e.at <= now - this.#longestWindow) ||
+        (e.state === 'reserved' && e.at < now - STALE_RESERVATION_MS) ||
+        (e.state === 'in_flight' && e.at < now - STALE_IN_FLIGHT_MS);
+      if (stale) this.entries.delete(id);
+    }
   }
 }
 
+const units = (limit: WindowLimit, e: { recipients: number }) => (limit.unit === 'messages' ? 1 : e.recipients);
+
 export class SendLimits {
   readonly #limits: readonly WindowLimit[];
-  readonly #identities = new Map<string, IdentityLimits>();
+  readonly #identities = new Map<string, IdentitySends>();
   readonly #onWarning: ((warning: BudgetWarning) => void) | undefined;
 
   /** `onWarning` is told when an identity reaches 80% of a budget window. */
@@ -131,64 +103,112 @@ export class SendLimits {
   }
 
   /**
-   * May message `queueId` with `recipients` recipients go as `identity` now? Yes: it is counted
-   * (a send that then fails still used the provider's budget, as far as we can tell). No: it has
-   * a reservation at the returned time; asking again then says yes.
+   * May message `queueId` with `recipients` recipients go as `identity` now? Yes: it is in flight
+   * until settle(). No: it has a slot at the returned time; asking again then usually says yes.
    */
   admit(identity: string, queueId: string, recipients: number, now: number): Admission {
     if (this.#limits.length === 0) return { go: true };
-    const key = identity.toLowerCase();
-    let state = this.#identities.get(key);
-    if (!state) {
-      state = new IdentityLimits(this.#limits);
-      this.#identities.set(key, state);
-    }
-    this.#dropStale(state, now);
-    const reserved = state.reservations.get(queueId);
-    if (reserved) {
-      if (now < reserved.at) return { go: false, at: reserved.at, limit: reserved.limit };
-      state.reservations.delete(queueId);
+    const sends = this.#sends(identity);
+    sends.prune(now);
+    const own = sends.entries.get(queueId);
+    if (own?.state === 'reserved' && now < own.at) return { go: false, at: own.at, limit: this.#decidingLimit(sends, own, now) };
+    if (own) sends.entries.delete(queueId);
+    const entry: Entry = { id: queueId, at: now, recipients, state: 'in_flight' };
+
+    // Messages already waiting go first: a newcomer queues behind them, a returning one does not.
+    // (A slot already past is a message about to come back, or one deleted from the queue.)
+    const othersWaiting = !own && [...sends.entries.values()].some((e) => e.state === 'reserved' && e.at > now);
+    const blocking = othersWaiting ? undefined : this.#fullWindow(sends, entry, now);
+    if (!othersWaiting && !blocking) {
+      sends.entries.set(queueId, entry);
+      this.#checkBudgets(identity, sends, now);
       return { go: true };
     }
-    // The earliest time every window has room: moving later for one window never frees another,
-    // so a few rounds settle it.
-    let at = now;
-    let decidedBy: WindowLimit | undefined;
-    for (let round = 0; round < 4; round++) {
+    const at = this.#slot(sends, entry, now, !own);
+    const reserved: Entry = { ...entry, at, state: 'reserved' };
+    sends.entries.set(queueId, reserved);
+    return { go: false, at, limit: blocking ?? this.#decidingLimit(sends, reserved, now) };
+  }
+
+  /** The delivery of `queueId` finished at `at`: it counts from then (or from when it went). */
+  settle(identity: string, queueId: string, at: number): void {
+    const entry = this.#identities.get(identity.toLowerCase())?.entries.get(queueId);
+    if (!entry || entry.state !== 'in_flight') return;
+    entry.state = 'done';
+    entry.at = Math.max(entry.at, at);
+  }
+
+  #sends(identity: string): IdentitySends {
+    const key = identity.toLowerCase();
+    let sends = this.#identities.get(key);
+    if (!sends) {
+      sends = new IdentitySends(this.#limits);
+      this.#identities.set(key, sends);
+    }
+    return sends;
+  }
+
+  /** A window that has no room now for `entry`, counting what is in flight or done. */
+  #fullWindow(sends: IdentitySends, entry: Entry, now: number): WindowLimit | undefined {
+    return this.#limits.find((limit) => this.#usedNow(sends, limit, now) + Math.min(units(limit, entry), limit.limit) > limit.limit);
+  }
+
+  /** Units in the window ending now: done entries inside it, and everything in flight. */
+  #usedNow(sends: IdentitySends, limit: WindowLimit, now: number): number {
+    let used = 0;
+    for (const e of sends.entries.values()) {
+      if (e.state === 'in_flight' || (e.state === 'done' && e.at > now - limit.windowMs)) used += units(limit, e);
+    }
+    return used;
+  }
+
+  /**
+   * The earliest time every window has room for `entry`, projecting all entries at their times (in
+   * flight ones at now or later); `behindWaiting` puts it after the last reserved slot, so that
+   * reservations are handed out in order.
+   */
+  #slot(sends: IdentitySends, entry: Entry, now: number, behindWaiting: boolean): number {
+    const others = [...sends.entries.values()].filter((e) => e.id !== entry.id);
+    let at = now + 1;
+    if (behindWaiting) for (const e of others) if (e.state === 'reserved') at = Math.max(at, e.at);
+    const times = others.map((e) => ({ t: e.state === 'in_flight' ? Math.max(e.at, now) : e.at, e })).sort((a, b) => a.t - b.t);
+    // Moving later for one window never frees another, so a few rounds settle it.
+    for (let round = 0; round < 8; round++) {
       let moved = false;
-      for (const window of state.windows) {
-        const t = window.earliest(at, window.spec.unit === 'messages' ? 1 : recipients);
-        if (t > at) {
-          at = t;
-          decidedBy = window.spec;
+      for (const limit of this.#limits) {
+        const need = Math.min(units(limit, entry), limit.limit);
+        let used = 0;
+        for (const { t, e } of times) if (t > at - limit.windowMs && t <= at) used += units(limit, e);
+        // Drop the oldest entries of the window ending at `at` until this one fits.
+        for (const { t, e } of times) {
+          if (used + need <= limit.limit) break;
+          if (t <= at - limit.windowMs || t > at) continue;
+          used -= units(limit, e);
+          at = Math.max(at, t + limit.windowMs);
           moved = true;
         }
       }
       if (!moved) break;
     }
-    for (const window of state.windows) window.add(at, window.spec.unit === 'messages' ? 1 : recipients);
-    this.#checkBudget(identity, state, now);
-    if (at <= now || !decidedBy) return { go: true };
-    state.reservations.set(queueId, { at, limit: decidedBy });
-    return { go: false, at, limit: decidedBy };
+    return at;
   }
 
-  #checkBudget(identity: string, state: IdentityLimits, now: number): void {
-    for (const window of state.windows) {
-      if (!window.spec.budget) continue;
-      const used = window.used(now);
-      if (used >= window.spec.limit * 0.8) {
-        if (state.warned.has(window)) continue;
-        state.warned.add(window);
-        this.#onWarning?.({ identity, limit: window.spec, used });
+  /** For the waiting message's text: the first window that is full at its slot's eve. */
+  #decidingLimit(sends: IdentitySends, entry: Entry, now: number): WindowLimit {
+    return this.#fullWindow(sends, entry, now) ?? this.#limits[0]!;
+  }
+
+  #checkBudgets(identity: string, sends: IdentitySends, now: number): void {
+    for (const limit of this.#limits) {
+      if (!limit.budget) continue;
+      const used = this.#usedNow(sends, limit, now);
+      if (used >= limit.limit * 0.8) {
+        if (sends.warned.has(limit)) continue;
+        sends.warned.add(limit);
+        this.#onWarning?.({ identity, limit, used });
       } else {
-        state.warned.delete(window);
+        sends.warned.delete(limit);
       }
     }
-  }
-
-  #dropStale(state: IdentityLimits, now: number): void {
-    if (state.reservations.size === 0) return;
-    for (const [queueId, r] of state.reservations) if (r.at < now - STALE_RESERVATION_MS) state.reservations.delete(queueId);
   }
 }

@@ -57,7 +57,8 @@ export class UpstreamHolds {
     if (previous && now < previous.until) return;
     const refusals = (previous?.refusals ?? 0) + 1;
     const holdMs = Math.min(HOLD_FIRST_MS * 2 ** (refusals - 1), HOLD_MAX_MS);
-    this.#holds.set(key, { until: now + holdMs, outcome: failure, refusals });
+    // Held mail is deferred whatever the refusal's code: a configuration problem never bounces.
+    this.#holds.set(key, { until: now + holdMs, outcome: { ...failure, status: 'deferred' }, refusals });
     // Every hold is logged: there is at most one per hold period, and each is worth knowing about.
     this.#logged.delete(key);
     this.problem(scope, problem, failure, advice, { ...fields, holdMs, heldUntil: new Date(now + holdMs).toISOString() });

@@ -1,0 +1,424 @@
+// Upstreams that log in with OAuth2 over SMTP: Microsoft 365 (type "microsoft365", method "smtp")
+// and Google (type "google"). Postern's queue runner and store (the delivery harness) deliver to
+// local stand-ins that behave as Microsoft's and Google's documentation describes
+// (src/standins/): an Entra token endpoint (client secret and certificate assertions), Exchange
+// Online's SMTP submission with XOAUTH2, its limits and its replies, Google's JWT-bearer token
+// endpoint and Gmail's SMTP. Nothing here reaches the internet.
+import fs from 'node:fs';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { ConfigError, parseConfigText } from '../src/config/load-config.js';
+import { GmailSmtpStandIn } from '../src/standins/gmail-smtp.js';
+import { IdentityStandIn } from '../src/standins/identity-platform.js';
+import { Office365SmtpStandIn, type Office365SmtpStandInOptions } from '../src/standins/office365-smtp.js';
+import { type StandInTls, makeAppCertificate, makeStandInTls } from '../src/standins/standin-certificates.js';
+import { type Harness, recipient, settled, useDeliveryHarness } from './helpers/delivery-harness.js';
+import { tempDir } from './helpers/temp-dir.js';
+import { waitFor } from './helpers/wait-for.js';
+
+const { setup, afterRunner } = useDeliveryHarness();
+
+const TENANT = 'contoso.onmicrosoft.com';
+const CLIENT_ID = '6731de76-14a6-49ae-97bc-6eba6914391e';
+const SECRET = 'qWe8Q~not-a-real-secret.Value-0123456789abcdef';
+const PRINTER = 'printer@contoso.com';
+const SCANNER = 'scanner@contoso.com';
+
+let tls: StandInTls;
+let identity: IdentityStandIn;
+let files: string;
+
+beforeAll(async () => {
+  tls = await makeStandInTls();
+  identity = new IdentityStandIn({ certificate: tls });
+  await identity.start();
+  identity.registerApp({ tenant: TENANT, clientId: CLIENT_ID, clientSecret: SECRET });
+  files = tempDir('postern-oauth-');
+  fs.writeFileSync(path.join(files, 'ca.pem'), tls.ca);
+  fs.writeFileSync(path.join(files, 'm365.secret'), `${SECRET}\n`, { mode: 0o600 });
+});
+
+afterAll(async () => {
+  await identity?.close();
+});
+
+async function startExchange(options: Partial<Office365SmtpStandInOptions> = {}): Promise<Office365SmtpStandIn> {
+  const exchange = new Office365SmtpStandIn({ certificate: tls, identity, mailboxes: [PRINTER, SCANNER], ...options });
+  await exchange.start();
+  afterRunner(() => exchange.close());
+  return exchange;
+}
+
+/** An [[upstream]] of type microsoft365 for `exchange`, trusting the stand-ins' CA. */
+function m365(exchange: Office365SmtpStandIn, extra: Record<string, unknown> = {}) {
+  return {
+    name: 'm365',
+    type: 'microsoft365' as const,
+    tenant: TENANT,
+    client_id: CLIENT_ID,
+    client_secret_file: path.join(files, 'm365.secret'),
+    authority: identity.url,
+    smtp: `127.0.0.1:${exchange.port}`,
+    ca_file: path.join(files, 'ca.pem'),
+    ...extra,
+  };
+}
+
+async function harness(upstream: Record<string, unknown>, options: { connectionIdleTimeout?: number } = {}): Promise<Harness> {
+  return setup({ ...options, config: { upstream: [upstream], upstream_route: [{ upstream: String(upstream.name), default: true }] } as never });
+}
+
+function tokenRequests(clientId = CLIENT_ID) {
+  return identity.requests.filter((r) => r.clientId === clientId);
+}
+
+/** No log line, stored reply or event may hold the secret, an access token or an XOAUTH2 string. */
+async function expectNoSecrets(h: Harness, queueIds: string[], secrets: string[]): Promise<void> {
+  const stored = await Promise.all(queueIds.map((id) => h.message(id)));
+  const events = await h.store.listSecurityEvents();
+  const text = JSON.stringify(h.logs) + JSON.stringify(stored) + JSON.stringify(events);
+  for (const secret of secrets) {
+    expect(text).not.toContain(secret);
+    expect(text).not.toContain(Buffer.from(secret).toString('base64'));
+  }
+  expect(text).not.toMatch(/auth=Bearer/);
+  expect(text).not.toMatch(/dXNlcj1/); // base64 of "user=": an XOAUTH2 initial response
+}
+
+describe('Microsoft 365 over SMTP (XOAUTH2)', () => {
+  test('delivers as each sender\'s mailbox with one token for the tenant, the bytes as queued', async () => {
+    const exchange = await startExchange();
+    const before = tokenRequests().length;
+    const h = await harness(m365(exchange));
+    const body = `From: <${PRINTER}>\r\nTo: <boss@fabrikam.test>\r\nSubject: scan\r\n\r\n..dot line\r\nscan attached\r\n`;
+    const a = await h.enqueue({ sender: PRINTER, recipients: ['boss@fabrikam.test', 'team@fabrikam.test'], body });
+    const b = await h.enqueue({ sender: SCANNER, recipients: ['boss@fabrikam.test'] });
+    for (const id of [a, b]) expect((await settled(h, id)).recipients.every((r) => r.state === 'delivered')).toBe(true);
+
+    const first = exchange.messages.find((m) => m.mailbox === PRINTER)!;
+    expect(first).toMatchObject({ from: PRINTER, to: ['boss@fabrikam.test', 'team@fabrikam.test'] });
+    expect(first.raw.toString('utf8')).toBe(body);
+    expect(exchange.messages.find((m) => m.mailbox === SCANNER)).toMatchObject({ from: SCANNER, to: ['boss@fabrikam.test'] });
+    // Each mailbox logged in with XOAUTH2 as itself; one client-credentials token served both.
+    expect(exchange.logins.map((l) => [l.mailbox, l.method, l.ok]).sort()).toEqual([
+      [PRINTER, 'XOAUTH2', true],
+      [SCANNER, 'XOAUTH2', true],
+    ]);
+    const requests = tokenRequests().slice(before);
+    expect(requests).toHaveLength(1);
+    expect(requests[0]).toMatchObject({ provider: 'microsoft', grantType: 'client_credentials', scope: 'https://outlook.office365.com/.default', status: 200 });
+    expect(h.logs.find((l) => l.event === 'delivered' && l.queueId === a)).toMatchObject({ destination: `upstream m365 (127.0.0.1:${exchange.port})`, code: 250 });
+    await expectNoSecrets(h, [a, b], [SECRET]);
+  });
+
+  test('certificate credentials: a signed client assertion instead of a secret', async () => {
+    const app = await makeAppCertificate();
+    const clientId = 'b1f7e0c2-0000-4000-8000-00000000cert';
+    identity.registerApp({ tenant: TENANT, clientId, certificatePem: app.cert });
+    fs.writeFileSync(path.join(files, 'app.crt'), app.cert);
+    fs.writeFileSync(path.join(files, 'app.key'), app.key, { mode: 0o600 });
+    const exchange = await startExchange();
+    const h = await harness(
+      m365(exchange, { client_id: clientId, client_secret_file: undefined, certificate_file: path.join(files, 'app.crt'), private_key_file: path.join(files, 'app.key') }),
+    );
+    const id = await h.enqueue({ sender: PRINTER, recipients: ['x@fabrikam.test'] });
+    expect(recipient(await settled(h, id), 'x@fabrikam.test').state).toBe('delivered');
+    expect(tokenRequests(clientId).at(-1)).toMatchObject({ credential: expect.stringMatching(/assertion/i), status: 200 });
+    await expectNoSecrets(h, [id], [app.key.split('\n')[1]!]);
+  });
+
+  test('mailbox = sends everything as that one mailbox', async () => {
+    const exchange = await startExchange({ sendAs: { [SCANNER]: ['app@contoso.com'] } });
+    const h = await harness(m365(exchange, { mailbox: SCANNER }));
+    const id = await h.enqueue({ sender: 'app@contoso.com', recipients: ['x@fabrikam.test'] });
+    expect(recipient(await settled(h, id), 'x@fabrikam.test').state).toBe('delivered');
+    expect(exchange.messages).toHaveLength(1);
+    expect(exchange.messages[0]).toMatchObject({ mailbox: SCANNER, from: 'app@contoso.com' });
+  });
+
+  test('a token Exchange refuses mid-burst is renewed once, and nothing fails', async () => {
+    const exchange = await startExchange();
+    const h = await harness(m365(exchange));
+    const first = await h.enqueue({ sender: PRINTER, recipients: ['a@fabrikam.test'] });
+    await settled(h, first);
+    const before = tokenRequests().length;
+    // Every token issued so far is now expired at Microsoft (revoked, or Postern's clock behind).
+    identity.expireAllTokens();
+    const ids = await Promise.all(Array.from({ length: 6 }, (_, i) => h.enqueue({ sender: i % 2 ? PRINTER : SCANNER, recipients: [`r${i}@fabrikam.test`] })));
+    for (const id of ids) expect((await settled(h, id)).recipients[0]!.state).toBe('delivered');
+    // New connections met the expired token, got 535 5.7.3, and logged in again with a fresh one.
+    const refused = exchange.logins.filter((l) => !l.ok);
+    expect(refused.length).toBeGreaterThan(0);
+    expect(refused.every((l) => l.reply.startsWith('535 5.7.3'))).toBe(true);
+    expect(tokenRequests().length - before).toBeGreaterThanOrEqual(1);
+    // No refusal was counted against the mailbox: nothing held, nothing logged as a problem.
+    expect(h.logs.filter((l) => String(l.event).startsWith('upstream_') && l.event !== 'upstream_recovered')).toEqual([]);
+    expect(exchange.messages).toHaveLength(7);
+  });
+
+  test('tokens are fetched again before they expire: no login ever uses an expired one', async () => {
+    const shortLived = new IdentityStandIn({ certificate: tls, tokenLifetimeSeconds: 4 });
+    await shortLived.start();
+    afterRunner(() => shortLived.close());
+    shortLived.registerApp({ tenant: TENANT, clientId: CLIENT_ID, clientSecret: SECRET });
+    const exchange = new Office365SmtpStandIn({ certificate: tls, identity: shortLived, mailboxes: [PRINTER] });
+    await exchange.start();
+    afterRunner(() => exchange.close());
+    // Connections are not kept between messages, so each message logs in with the token it has.
+    const h = await harness(m365(exchange, { authority: shortLived.url }), { connectionIdleTimeout: 50 });
+    const ids: string[] = [];
+    for (let i = 0; i < 4; i++) {
+      ids.push(await h.enqueue({ sender: PRINTER, recipients: [`r${i}@fabrikam.test`] }));
+      await settled(h, ids.at(-1)!);
+      await new Promise((r) => setTimeout(r, 1100));
+    }
+    for (const id of ids) expect((await h.message(id)).recipients[0]!.state).toBe('delivered');
+    expect(shortLived.requests.filter((r) => r.status === 200).length).toBeGreaterThanOrEqual(2);
+    expect(exchange.logins.filter((l) => !l.ok)).toEqual([]);
+  });
+
+  test('a wrong client secret: deferred with the AADSTS code and the fix, the upstream held, an alert stored, no bounce', async () => {
+    const exchange = await startExchange();
+    fs.writeFileSync(path.join(files, 'wrong.secret'), 'the-secret-id-not-its-value\n', { mode: 0o600 });
+    const h = await harness(m365(exchange, { client_secret_file: path.join(files, 'wrong.secret') }));
+    const before = tokenRequests().length;
+    const a = await h.enqueue({ sender: PRINTER, recipients: ['x@fabrikam.test'] });
+    const ra = recipient(await settled(h, a), 'x@fabrikam.test');
+    expect(ra.state).toBe('deferred');
+    expect(ra.lastResponse).toMatch(
+      /^4\.7\.0 Cannot get an access token for upstream m365: the token endpoint refused Postern's credentials: invalid_client \(AADSTS7000215\): the client secret is wrong: put the secret's Value \(not its Secret ID\)/,
+    );
+    // Held: the next message is deferred with the same reply, without asking for a token again.
+    const b = await h.enqueue({ sender: SCANNER, recipients: ['y@fabrikam.test'] });
+    expect(recipient(await settled(h, b), 'y@fabrikam.test')).toMatchObject({ state: 'deferred', lastResponse: ra.lastResponse });
+    expect(tokenRequests().length - before).toBe(1);
+    // The first message's connection got no AUTH (there was no token to send); the second none at all.
+    expect(exchange.connections).toBe(1);
+    expect(exchange.logins).toEqual([]);
+    const logged = h.logs.filter((l) => l.event === 'upstream_token_refused');
+    expect(logged).toHaveLength(1);
+    expect(logged[0]).toMatchObject({ level: 'error', holdMs: 60_000 });
+    const events = await waitFor(async () => {
+      const list = await h.store.listSecurityEvents();
+      return list.some((e) => e.kind === 'upstream_problem') ? list : undefined;
+    });
+    expect(events.find((e) => e.kind === 'upstream_problem')!.detail).toMatchObject({ upstream: 'm365', problem: 'token_refused' });
+    // Nothing bounced: no DSN queued.
+    expect((await h.store.listQueue()).filter((m) => m.sender === '')).toEqual([]);
+    await expectNoSecrets(h, [a, b], ['the-secret-id-not-its-value']);
+  });
+
+  test('535 5.7.139 (SMTP AUTH off for a mailbox): that mailbox is held with the PowerShell fix, the others deliver', async () => {
+    const exchange = await startExchange();
+    exchange.disableSmtpAuth(PRINTER);
+    const h = await harness(m365(exchange));
+    const a = await h.enqueue({ sender: PRINTER, recipients: ['x@fabrikam.test'] });
+    const ra = recipient(await settled(h, a), 'x@fabrikam.test');
+    expect(ra).toMatchObject({ state: 'deferred', lastCode: 535 });
+    expect(ra.lastResponse).toMatch(/^535 5\.7\.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Mailbox/);
+    const line = h.logs.find((l) => l.event === 'upstream_smtp_auth_disabled')!;
+    expect(line).toMatchObject({ mailbox: PRINTER, holdMs: 60_000 });
+    expect(line.msg).toContain(`Set-CASMailbox -Identity ${PRINTER} -SmtpClientAuthenticationDisabled $false`);
+    const loginsBefore = exchange.logins.length;
+    const again = await h.enqueue({ sender: PRINTER, recipients: ['y@fabrikam.test'] });
+    expect(recipient(await settled(h, again), 'y@fabrikam.test').state).toBe('deferred');
+    expect(exchange.logins.length).toBe(loginsBefore);
+    const other = await h.enqueue({ sender: SCANNER, recipients: ['z@fabrikam.test'] });
+    expect(recipient(await settled(h, other), 'z@fabrikam.test').state).toBe('delivered');
+  });
+
+  test('SendAsDenied (550 5.7.60) is deferred with the Add-RecipientPermission fix, not bounced', async () => {
+    const exchange = await startExchange();
+    const h = await harness(m365(exchange, { mailbox: PRINTER }));
+    const id = await h.enqueue({ sender: 'ceo@contoso.com', recipients: ['x@fabrikam.test'] });
+    const r = recipient(await settled(h, id), 'x@fabrikam.test');
+    expect(r).toMatchObject({ state: 'deferred', lastCode: 550 });
+    expect(r.lastResponse).toMatch(/^550 5\.7\.60 /);
+    expect(h.logs.find((l) => l.event === 'upstream_send_as_denied')!.msg).toContain(
+      `Add-RecipientPermission -Identity ceo@contoso.com -Trustee ${PRINTER} -AccessRights SendAs`,
+    );
+    expect((await h.store.listQueue()).filter((m) => m.sender === '')).toEqual([]);
+  });
+
+  test.each([
+    ['554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException; Failed to process message due to a permanent exception with message Cannot submit message.', 'data'],
+    ['432 4.3.2 Concurrent connections limit exceeded.', 'data'],
+  ] as const)('throttling (%s) waits a minute and is not bounced', async (reply, at) => {
+    const exchange = await startExchange();
+    const [code, ...rest] = reply.split(' ');
+    exchange.script({ at, code: Number(code), message: rest.join(' ') });
+    const h = await harness(m365(exchange));
+    const started = Date.now();
+    const id = await h.enqueue({ sender: PRINTER, recipients: ['x@fabrikam.test'] });
+    const r = recipient(await settled(h, id), 'x@fabrikam.test');
+    expect(r).toMatchObject({ state: 'deferred', lastCode: Number(code), attempts: 1 });
+    expect(r.nextAttemptAt).toBeGreaterThanOrEqual(started + 60_000);
+    expect(r.nextAttemptAt).toBeLessThan(Date.now() + 61_000);
+    expect(h.logs.find((l) => l.event === 'upstream_throttled')).toMatchObject({ mailbox: PRINTER, retryInMs: 60_000 });
+  });
+
+  test.each([
+    ['554 5.2.2 mailbox full; Quota exceeded', 'mailbox_full', 'mailbox'],
+    ['550 5.7.30 Basic authentication is not supported for Client Submission.', 'basic_auth_refused', 'upstream'],
+    ['550 5.7.68 TenantOutboundBlocked', 'tenant_blocked', 'upstream'],
+  ] as const)('%s is a configuration problem: deferred, held, logged (%s)', async (reply, problem, scope) => {
+    const exchange = await startExchange();
+    const [code, ...rest] = reply.split(' ');
+    exchange.script({ at: 'data', code: Number(code), message: rest.join(' ') });
+    const h = await harness(m365(exchange));
+    const id = await h.enqueue({ sender: PRINTER, recipients: ['x@fabrikam.test'] });
+    expect(recipient(await settled(h, id), 'x@fabrikam.test')).toMatchObject({ state: 'deferred', lastCode: Number(code) });
+    const line = h.logs.find((l) => l.event === `upstream_${problem}`)!;
+    expect(line).toMatchObject({ holdMs: 60_000 });
+    expect(line.mailbox).toBe(scope === 'mailbox' ? PRINTER : undefined);
+    // The hold covers the scope: another mailbox goes on only when just one mailbox is held.
+    const other = await h.enqueue({ sender: SCANNER, recipients: ['y@fabrikam.test'] });
+    expect(recipient(await settled(h, other), 'y@fabrikam.test').state).toBe(scope === 'mailbox' ? 'delivered' : 'deferred');
+  });
+
+  test('430 4.2.0 (mailbox logon failure) to MAIL FROM is retried on the backoff, with that reply', async () => {
+    const exchange = await startExchange();
+    exchange.script({ at: 'mail', code: 430, message: '4.2.0 STOREDRV; mailbox logon failure' });
+    const h = await harness(m365(exchange));
+    const id = await h.enqueue({ sender: PRINTER, recipients: ['x@fabrikam.test'] });
+    const r430 = recipient(await settled(h, id), 'x@fabrikam.test');
+    expect(r430).toMatchObject({ state: 'deferred', lastCode: 430, attempts: 1 });
+    expect(h.logs.filter((l) => String(l.event).startsWith('upstream_'))).toEqual([]);
+  });
+
+  test('a refused recipient still bounces: 550 5.1.10 is not the configuration', async () => {
+    const exchange = await startExchange();
+    exchange.script({ at: 'rcpt', code: 550, message: '5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup' });
+    const h = await harness(m365(exchange));
+    const id = await h.enqueue({ sender: PRINTER, recipients: ['nobody@contoso.com'] });
+    expect(recipient(await settled(h, id), 'nobody@contoso.com')).toMatchObject({ state: 'failed', lastCode: 550 });
+  });
+});
+
+describe('sending limits', () => {
+  test('a burst over 30 a minute leaves at the limit: none fails, none over the limit at Microsoft, each waits in the log', async () => {
+    // time_scale 0.01: "a minute" is 600 ms at both ends, so the test takes seconds, not minutes.
+    const exchange = await startExchange({ limits: { messagesPerWindow: 5, windowMs: 600 } });
+    const h = await harness(m365(exchange, { limits: { messages_per_minute: 5, time_scale: 0.01 } }));
+    const ids = await Promise.all(Array.from({ length: 20 }, (_, i) => h.enqueue({ sender: PRINTER, recipients: [`r${i}@fabrikam.test`] })));
+    for (const id of ids) {
+      const m = await settled(h, id, 30_000);
+      expect(m.recipients[0]).toMatchObject({ state: 'delivered', attempts: 1 });
+    }
+    expect(exchange.messages).toHaveLength(20);
+    expect(exchange.violations).toEqual({ connections: 0, messages: 0, recipients: 0 });
+    const waiting = h.logs.filter((l) => l.event === 'waiting');
+    expect(waiting.length).toBeGreaterThanOrEqual(15);
+    expect(String(waiting[0]!.response)).toMatch(/^4\.7\.0 Waiting for upstream m365: printer@contoso\.com may send 5 messages a minute; next try at /);
+    // At the limit, not slower: 20 messages at 5 per 612 ms need at least 3 windows, and well under 6.
+    const times = exchange.messages.map((m) => m.receivedAt).sort((a, b) => a - b);
+    const span = times.at(-1)! - times[0]!;
+    expect(span).toBeGreaterThanOrEqual(3 * 600);
+    expect(span).toBeLessThan(6 * 612);
+  });
+
+  test('at 80% of the daily recipients an alert is stored, once', async () => {
+    const exchange = await startExchange();
+    const h = await harness(m365(exchange, { limits: { recipients_per_day: 10 } }));
+    for (let i = 0; i < 9; i++) await settled(h, await h.enqueue({ sender: PRINTER, recipients: [`r${i}@fabrikam.test`] }));
+    const budget = (await h.store.listSecurityEvents()).filter((e) => e.kind === 'upstream_budget');
+    expect(budget).toHaveLength(1);
+    expect(budget[0]).toMatchObject({ account: PRINTER, detail: { upstream: 'm365', used: 8, limit: 10, unit: 'recipients' } });
+    expect(budget[0]!.detail.message).toContain('has used 8 of 10 recipients a day');
+  });
+});
+
+describe('Google Workspace over SMTP (XOAUTH2, service account)', () => {
+  const SA = 'postern-relay@project.iam.gserviceaccount.com';
+
+  async function startGmail(delegated: string[] | '*') {
+    const key = IdentityStandIn.makeServiceAccountKey(SA, identity.googleTokenUrl);
+    identity.registerServiceAccount({ clientEmail: SA, publicKeyPem: key.publicKeyPem, privateKeyId: key.privateKeyId, delegatedMailboxes: delegated });
+    const keyFile = path.join(tempDir('postern-google-'), 'sa.json');
+    fs.writeFileSync(keyFile, key.json, { mode: 0o600 });
+    const gmail = new GmailSmtpStandIn({ certificate: tls, identity });
+    await gmail.start();
+    afterRunner(() => gmail.close());
+    const upstream = {
+      name: 'gmail',
+      type: 'google' as const,
+      service_account_file: keyFile,
+      smtp: `127.0.0.1:${gmail.port}`,
+      ca_file: path.join(files, 'ca.pem'),
+    };
+    return { gmail, upstream, key };
+  }
+
+  test('delivers as each mailbox with a delegated token per mailbox', async () => {
+    const { gmail, upstream, key } = await startGmail('*');
+    const h = await harness(upstream);
+    const before = identity.requests.filter((r) => r.provider === 'google').length;
+    const a = await h.enqueue({ sender: 'alice@example.com', recipients: ['x@far.test'] });
+    const b = await h.enqueue({ sender: 'bob@example.com', recipients: ['y@far.test'] });
+    for (const id of [a, b]) expect((await settled(h, id)).recipients[0]!.state).toBe('delivered');
+    expect(gmail.messages.map((m) => m.mailbox).sort()).toEqual(['alice@example.com', 'bob@example.com']);
+    const requests = identity.requests.filter((r) => r.provider === 'google').slice(before);
+    expect(requests.map((r) => r.sub).sort()).toEqual(['alice@example.com', 'bob@example.com']);
+    expect(requests.every((r) => r.status === 200)).toBe(true);
+    const privateKey = (JSON.parse(key.json) as { private_key: string }).private_key;
+    await expectNoSecrets(h, [a, b], [privateKey.split('\n')[1]!]);
+  });
+
+  test('a mailbox without domain-wide delegation: token refused, deferred with the Admin console step', async () => {
+    const { upstream } = await startGmail(['alice@example.com']);
+    const h = await harness(upstream);
+    const id = await h.enqueue({ sender: 'mallory@example.com', recipients: ['x@far.test'] });
+    const r = recipient(await settled(h, id), 'x@far.test');
+    expect(r.state).toBe('deferred');
+    expect(r.lastResponse).toMatch(/^4\.7\.0 Cannot get an access token for upstream gmail: the token endpoint refused Postern's credentials: unauthorized_client: .*Domain-wide delegation/);
+  });
+});
+
+describe('configuration', () => {
+  const base = `[[upstream]]\nname = "m365"\ntype = "microsoft365"\ntenant = "${TENANT}"\nclient_id = "${CLIENT_ID}"\n`;
+  const problems = (text: string): string[] => {
+    try {
+      parseConfigText(text, '/etc/postern/postern.toml');
+      return [];
+    } catch (err) {
+      if (err instanceof ConfigError) return err.problems;
+      throw err;
+    }
+  };
+
+  test('credentials: one way, never inline', () => {
+    expect(problems(base)).toEqual(['upstream[0].client_secret_file: set client_secret_file, client_secret_env, or certificate_file with private_key_file']);
+    expect(problems(`${base}client_secret = "${SECRET}"\n`)).toEqual([
+      'upstream[0].client_secret: a client secret is never written in the configuration file: put it in a file readable only by Postern and set client_secret_file = "secrets/NAME.secret", or set client_secret_env = "VARIABLE"',
+    ]);
+    expect(problems(`${base}client_secret = "${SECRET}"\n`).join('')).not.toContain(SECRET);
+    expect(problems(`${base}client_secret_file = "a"\ncertificate_file = "b"\nprivate_key_file = "c"\n`)).toEqual([
+      'upstream[0].client_secret_file: set one of client_secret_file, client_secret_env or certificate_file',
+    ]);
+    expect(problems(`${base}certificate_file = "b"\n`)).toEqual(['upstream[0].private_key_file: certificate_file and private_key_file go together (they may name the same PEM file)']);
+    expect(problems(`${base}client_secret_file = "a"\nauthority = "http://login.example"\n`)).toEqual([
+      'upstream[0].authority: expected an https:// URL (credentials are only sent over TLS)',
+    ]);
+  });
+
+  test('the defaults are Exchange Online\'s', () => {
+    const config = parseConfigText(`${base}client_secret_file = "s"\n`, '/etc/postern/postern.toml');
+    expect(config.upstream[0]).toMatchObject({
+      method: 'smtp',
+      authority: 'https://login.microsoftonline.com',
+      smtp: { host: 'smtp.office365.com', port: 587 },
+      limits: { messages_per_minute: 30, recipients_per_day: 10_000, connections: 3, time_scale: 1 },
+      client_secret_file: '/etc/postern/s',
+    });
+  });
+
+  test('a secret file that cannot be read stops start-up, naming the upstream and the file', async () => {
+    const exchange = await startExchange();
+    await expect(harness(m365(exchange, { client_secret_file: path.join(files, 'missing.secret') }))).rejects.toThrow(ConfigError);
+    try {
+      await harness(m365(exchange, { client_secret_file: path.join(files, 'missing.secret') }));
+    } catch (err) {
+      expect((err as ConfigError).problems).toEqual([`upstream "m365": cannot read client_secret_file ${path.join(files, 'missing.secret')}: no such file (ENOENT)`]);
+    }
+  });
+});
