@@ -1,5 +1,6 @@
 // The figures the bench produces, the targets from the issue, and the table printed at the end.
 // Targets are judged here and only here, so the table, the JSON and docs/benchmarks.md agree.
+import { type UpstreamBenchFigures, formatUpstreamFigures } from './upstream-bench.js';
 import type { MachineInfo } from './proc-stats.js';
 
 export type PortKind = 'submission' | 'relay';
@@ -98,6 +99,8 @@ export interface BenchResults {
   bigMessage: BigMessageFigures[];
   /** The same 587 c=50 loads against Postern with the policy on and a second one with it off. */
   policyOverhead: { mode: 'new' | 'reuse'; on: number; off: number }[];
+  /** 1,000 messages through the Microsoft 365 upstream stand-in (src/bench/upstream-bench.ts). */
+  upstream: UpstreamBenchFigures | null;
   targets: TargetResult[];
 }
 
@@ -175,6 +178,22 @@ export function judgeTargets(results: BenchResults): TargetResult[] {
       value: mb(raise),
       target: '< 20 MB',
       pass: raise < 20 * MB,
+    });
+  }
+  const u = results.upstream;
+  if (u) {
+    const over = u.violations.messages + u.violations.connections + u.violations.recipients;
+    targets.push({
+      name: `Microsoft 365 upstream: ${u.messages} messages, failures and limit overruns`,
+      value: `${u.messages - u.arrived} missing, ${u.deferred} deferred, ${u.failed} failed, ${over} over the limit`,
+      target: '0',
+      pass: u.arrived === u.messages && u.deferred === 0 && u.failed === 0 && over === 0,
+    });
+    targets.push({
+      name: 'Microsoft 365 upstream: achieved rate vs configured limit',
+      value: `${u.achievedPerSecond.toFixed(1)}/${u.limitPerSecond.toFixed(1)} = ${(u.ratio * 100).toFixed(1)}%`,
+      target: 'within 5%',
+      pass: Math.abs(u.ratio - 1) <= 0.05,
     });
   }
   return targets;
@@ -333,6 +352,8 @@ export function formatReport(results: BenchResults, jsonFile: string): string {
       ),
     );
   }
+
+  if (results.upstream) out.push('', formatUpstreamFigures(results.upstream));
 
   out.push('', 'Targets:');
   out.push(table(['target', 'measured', 'wanted', ''], results.targets.map((t) => [t.name, t.value, t.target, t.pass ? 'PASS' : 'FAIL'])));

@@ -31,6 +31,8 @@ export interface PosternSettings {
    * so their bookkeeping is measured but never refuses. false: `[policy] enforce = false`.
    */
   enforcePolicy: boolean;
+  /** TOML appended to the configuration (the upstream bench's [[upstream]]). */
+  extraConfig?: string;
 }
 
 /** The bench configuration: loopback listeners, the bench domain routed to the sink, high connection caps. */
@@ -71,7 +73,7 @@ tls = "none"
 [[connector]]
 name = "bench-loopback"
 networks = ["127.0.0.0/8"]
-`;
+${s.extraConfig ?? ''}`;
 }
 
 export class PosternProcess {

@@ -21,7 +21,8 @@
 // default: the config's, info), BENCH_POSTERN_NODE_ARGS (extra node flags for Postern, e.g.
 // "--max-semi-space-size=2"), BENCH_POLICY=off (`[policy] enforce = false`; by default the policy
 // runs with limits far above the load), BENCH_KEEP=1 (keep the whole temp dir; by default only the
-// results, the profile and the config are kept), BENCH_ONLY=memory|throughput (one half), or quick (c=50 and end-to-end only, for iterating).
+// results, the profile and the config are kept), BENCH_ONLY=memory|throughput (one half), quick (c=50 and end-to-end only, for iterating), or upstream (1,000
+// messages through the Microsoft 365 stand-in only, about 30 s).
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -45,6 +46,7 @@ import {
 } from './bench-report.js';
 import { openIdleConnections } from './idle-connections.js';
 import { PosternProcess } from './postern-process.js';
+import { formatUpstreamFigures, runUpstreamBench } from './upstream-bench.js';
 import { CpuMeter, RssSampler, cpuCheckMs, describeMachine, measureFileCreate, readMemory } from './proc-stats.js';
 
 const KiB = 1024;
@@ -68,7 +70,7 @@ const settings = {
   posternNodeArgs: (process.env.BENCH_POSTERN_NODE_ARGS ?? '').split(' ').filter(Boolean),
   logLevel: process.env.BENCH_LOG_LEVEL || 'info (config default)',
   policy: envChoice('BENCH_POLICY', ['on', 'off']),
-  only: envChoice('BENCH_ONLY', ['all', 'memory', 'throughput', 'quick']),
+  only: envChoice('BENCH_ONLY', ['all', 'memory', 'throughput', 'quick', 'upstream']),
   messageSize: MESSAGE_SIZE,
   concurrency: CONCURRENCY,
 };
@@ -123,155 +125,168 @@ async function main(): Promise<void> {
     idle: [],
     bigMessage: [],
     policyOverhead: [],
+    upstream: null,
     targets: [],
   };
 
   try {
-    const serverBase = { certFile, keyFile, user: ACCOUNT.user, pass: ACCOUNT.pass, maxSize: MAX_MESSAGE_SIZE };
-    const sink = await startDiscardServer({ ...serverBase, role: 'sink', tlsAndAuth: false, stockGreetingDelay: false });
-    children.push(sink);
-    const ceilingTls = await startDiscardServer({ ...serverBase, role: 'ceiling-tls', tlsAndAuth: true, stockGreetingDelay: false });
-    children.push(ceilingTls);
-    const ceilingPlain = await startDiscardServer({ ...serverBase, role: 'ceiling-plain', tlsAndAuth: false, stockGreetingDelay: false });
-    children.push(ceilingPlain);
-    const stockTls = await startDiscardServer({ ...serverBase, role: 'stock-tls', tlsAndAuth: true, stockGreetingDelay: true });
-    children.push(stockTls);
-
-    const profileDir = path.join(dir, 'profile');
-    const postern = await PosternProcess.start(
-      {
-        dir,
-        certFile,
-        keyFile,
-        sinkPort: sink.port,
-        maxMessageSize: MAX_MESSAGE_SIZE,
-        nodeArgs: [...settings.posternNodeArgs, ...(settings.cpuProfile ? ['--cpu-prof', `--cpu-prof-dir=${profileDir}`] : [])],
-        logLevel: process.env.BENCH_LOG_LEVEL || undefined,
-        enforcePolicy: settings.policy === 'on',
-      },
-      ACCOUNT,
-    );
-    children.push(postern);
-    results.posternRssAtStartBytes = readMemory(postern.pid)?.rss ?? 0;
-    // Postern keeps bodies in <data_dir>/spool; should that layout change, probe the data dir.
-    const spoolDir = path.join(dir, 'data', 'spool');
-    machine.spoolCreateMedianMs = measureFileCreate(fs.existsSync(spoolDir) ? spoolDir : path.join(dir, 'data'));
-    say(`file create in the spool directory: ${machine.spoolCreateMedianMs.toFixed(3)} ms`);
-    say(`postern pid ${postern.pid}: submission ${postern.ports.submission}, relay ${postern.ports.relay}; sink ${sink.port}`);
-
-    const bench = new Bench(sink, postern);
-    const portOf = { submission: postern.ports.submission, relay: postern.ports.relay };
-
-    // Warm-up: JIT, the auth cache, SQLite pages, the delivery connections. Not measured.
-    say('warm-up');
-    await bench.posternLoad('submission', 'reuse', 10, { warmupMs: 0, durationMs: 2000 });
-    await bench.drain();
-
-    const quick = settings.only === 'quick';
-    if (settings.only === 'all' || settings.only === 'memory') {
-      say('35 MiB message to Postern');
-      results.bigMessage.push(await bench.bigMessage('postern', postern.pid, postern.ports.submission));
-      say('35 MiB message to ceiling-tls');
-      results.bigMessage.push(await bench.bigMessage('ceiling-tls', ceilingTls.pid, ceilingTls.port));
-      say(`${IDLE_CONNECTIONS} idle connections to postern (after warm-up)`);
-      results.idle.push(await bench.idle('postern', 'after warm-up', postern.pid, postern.ports.submission));
+    if (settings.only === 'upstream' || settings.only === 'all') {
+      say('Microsoft 365 upstream: 1,000 messages through the Exchange Online stand-in');
+      results.upstream = await runUpstreamBench(
+        { dir, certFile, keyFile, sinkPort: 9 /* the bench.test route: unused here */, maxMessageSize: MAX_MESSAGE_SIZE, nodeArgs: settings.posternNodeArgs, enforcePolicy: true },
+        ACCOUNT,
+        1000,
+        say,
+      );
+      say(formatUpstreamFigures(results.upstream));
     }
+    if (settings.only !== 'upstream') {
+      const serverBase = { certFile, keyFile, user: ACCOUNT.user, pass: ACCOUNT.pass, maxSize: MAX_MESSAGE_SIZE };
+      const sink = await startDiscardServer({ ...serverBase, role: 'sink', tlsAndAuth: false, stockGreetingDelay: false });
+      children.push(sink);
+      const ceilingTls = await startDiscardServer({ ...serverBase, role: 'ceiling-tls', tlsAndAuth: true, stockGreetingDelay: false });
+      children.push(ceilingTls);
+      const ceilingPlain = await startDiscardServer({ ...serverBase, role: 'ceiling-plain', tlsAndAuth: false, stockGreetingDelay: false });
+      children.push(ceilingPlain);
+      const stockTls = await startDiscardServer({ ...serverBase, role: 'stock-tls', tlsAndAuth: true, stockGreetingDelay: true });
+      children.push(stockTls);
 
-    if (settings.only !== 'memory') {
-      for (const port of ['submission', 'relay'] as const) {
-        for (const mode of ['new', 'reuse'] as const) {
-          for (const c of quick ? [50] : CONCURRENCY) {
-            const ceiling = port === 'submission' ? ceilingTls : ceilingPlain;
+      const profileDir = path.join(dir, 'profile');
+      const postern = await PosternProcess.start(
+        {
+          dir,
+          certFile,
+          keyFile,
+          sinkPort: sink.port,
+          maxMessageSize: MAX_MESSAGE_SIZE,
+          nodeArgs: [...settings.posternNodeArgs, ...(settings.cpuProfile ? ['--cpu-prof', `--cpu-prof-dir=${profileDir}`] : [])],
+          logLevel: process.env.BENCH_LOG_LEVEL || undefined,
+          enforcePolicy: settings.policy === 'on',
+        },
+        ACCOUNT,
+      );
+      children.push(postern);
+      results.posternRssAtStartBytes = readMemory(postern.pid)?.rss ?? 0;
+      // Postern keeps bodies in <data_dir>/spool; should that layout change, probe the data dir.
+      const spoolDir = path.join(dir, 'data', 'spool');
+      machine.spoolCreateMedianMs = measureFileCreate(fs.existsSync(spoolDir) ? spoolDir : path.join(dir, 'data'));
+      say(`file create in the spool directory: ${machine.spoolCreateMedianMs.toFixed(3)} ms`);
+      say(`postern pid ${postern.pid}: submission ${postern.ports.submission}, relay ${postern.ports.relay}; sink ${sink.port}`);
+
+      const bench = new Bench(sink, postern);
+      const portOf = { submission: postern.ports.submission, relay: postern.ports.relay };
+
+      // Warm-up: JIT, the auth cache, SQLite pages, the delivery connections. Not measured.
+      say('warm-up');
+      await bench.posternLoad('submission', 'reuse', 10, { warmupMs: 0, durationMs: 2000 });
+      await bench.drain();
+
+      const quick = settings.only === 'quick';
+      if (settings.only === 'all' || settings.only === 'memory') {
+        say('35 MiB message to Postern');
+        results.bigMessage.push(await bench.bigMessage('postern', postern.pid, postern.ports.submission));
+        say('35 MiB message to ceiling-tls');
+        results.bigMessage.push(await bench.bigMessage('ceiling-tls', ceilingTls.pid, ceilingTls.port));
+        say(`${IDLE_CONNECTIONS} idle connections to postern (after warm-up)`);
+        results.idle.push(await bench.idle('postern', 'after warm-up', postern.pid, postern.ports.submission));
+      }
+
+      if (settings.only !== 'memory') {
+        for (const port of ['submission', 'relay'] as const) {
+          for (const mode of ['new', 'reuse'] as const) {
+            for (const c of quick ? [50] : CONCURRENCY) {
+              const ceiling = port === 'submission' ? ceilingTls : ceilingPlain;
+              const check = cpuCheckMs();
+              results.cpuChecksMs.push(check);
+              say(`${label(port, mode)} c=${c}: ${ceiling.role} (CPU check ${check.toFixed(0)} ms)`);
+              const ceilingFigures = await bench.scenario(ceiling.role, ceiling.pid, ceiling.port, port, mode, c);
+              results.scenarios.push({ ...ceilingFigures, cpuCheckMs: check });
+              say(`${label(port, mode)} c=${c}: postern`);
+              const figures = await bench.scenario('postern', postern.pid, portOf[port], port, mode, c);
+              figures.drainSeconds = (await bench.drain()).seconds;
+              figures.cpuCheckMs = check;
+              results.scenarios.push(figures);
+              say(`  ceiling ${results.scenarios.at(-2)!.messagesPerSecond.toFixed(0)}/s, postern ${figures.messagesPerSecond.toFixed(0)}/s, drained in ${figures.drainSeconds.toFixed(1)} s`);
+            }
+          }
+        }
+        // Diagnostic: the same c=50 loads with delivery held back (the sink paused, so Postern's
+        // deliveries wait for a greeting and its queue runner stops claiming). What remains is the
+        // intake alone: sessions, spool files, group commits. Each pause stays well under the
+        // delivery connect timeout (30 s), and the queue drains after the sink resumes.
+        for (const port of quick ? [] : (['submission', 'relay'] as const)) {
+          for (const mode of ['new', 'reuse'] as const) {
             const check = cpuCheckMs();
             results.cpuChecksMs.push(check);
-            say(`${label(port, mode)} c=${c}: ${ceiling.role} (CPU check ${check.toFixed(0)} ms)`);
-            const ceilingFigures = await bench.scenario(ceiling.role, ceiling.pid, ceiling.port, port, mode, c);
-            results.scenarios.push({ ...ceilingFigures, cpuCheckMs: check });
-            say(`${label(port, mode)} c=${c}: postern`);
-            const figures = await bench.scenario('postern', postern.pid, portOf[port], port, mode, c);
+            say(`${label(port, mode)} c=50: postern with delivery paused (CPU check ${check.toFixed(0)} ms)`);
+            sink.pause();
+            let figures: ScenarioFigures;
+            try {
+              figures = await bench.scenario('postern-intake-only', postern.pid, portOf[port], port, mode, 50);
+            } finally {
+              sink.resume();
+            }
             figures.drainSeconds = (await bench.drain()).seconds;
             figures.cpuCheckMs = check;
             results.scenarios.push(figures);
-            say(`  ceiling ${results.scenarios.at(-2)!.messagesPerSecond.toFixed(0)}/s, postern ${figures.messagesPerSecond.toFixed(0)}/s, drained in ${figures.drainSeconds.toFixed(1)} s`);
+            say(`  postern (intake only) ${figures.messagesPerSecond.toFixed(0)}/s, drained in ${figures.drainSeconds.toFixed(1)} s`);
           }
         }
-      }
-      // Diagnostic: the same c=50 loads with delivery held back (the sink paused, so Postern's
-      // deliveries wait for a greeting and its queue runner stops claiming). What remains is the
-      // intake alone: sessions, spool files, group commits. Each pause stays well under the
-      // delivery connect timeout (30 s), and the queue drains after the sink resumes.
-      for (const port of quick ? [] : (['submission', 'relay'] as const)) {
-        for (const mode of ['new', 'reuse'] as const) {
-          const check = cpuCheckMs();
-          results.cpuChecksMs.push(check);
-          say(`${label(port, mode)} c=50: postern with delivery paused (CPU check ${check.toFixed(0)} ms)`);
-          sink.pause();
-          let figures: ScenarioFigures;
-          try {
-            figures = await bench.scenario('postern-intake-only', postern.pid, portOf[port], port, mode, 50);
-          } finally {
-            sink.resume();
-          }
-          figures.drainSeconds = (await bench.drain()).seconds;
-          figures.cpuCheckMs = check;
-          results.scenarios.push(figures);
-          say(`  postern (intake only) ${figures.messagesPerSecond.toFixed(0)}/s, drained in ${figures.drainSeconds.toFixed(1)} s`);
+        for (const c of quick ? [] : [1, 50]) {
+          say(`stock smtp-server new conn/msg c=${c}`);
+          results.scenarios.push(await bench.scenario('stock-tls', stockTls.pid, stockTls.port, 'submission', 'new', c));
         }
-      }
-      for (const c of quick ? [] : [1, 50]) {
-        say(`stock smtp-server new conn/msg c=${c}`);
-        results.scenarios.push(await bench.scenario('stock-tls', stockTls.pid, stockTls.port, 'submission', 'new', c));
-      }
-      results.cpuChecksMs.push(cpuCheckMs());
-      say('end-to-end');
-      results.endToEnd = await bench.endToEnd(postern.ports.submission);
+        results.cpuChecksMs.push(cpuCheckMs());
+        say('end-to-end');
+        results.endToEnd = await bench.endToEnd(postern.ports.submission);
 
-      if (settings.policy === 'on' && !quick) {
-        // Policy overhead, in this run: a second Postern, identical but for `[policy] enforce =
-        // false`, takes the same 587 loads right after the first takes them again.
-        say('policy overhead: a second Postern with [policy] enforce = false');
-        const offDir = path.join(dir, 'policy-off');
-        fs.mkdirSync(offDir, { recursive: true });
-        const off = await PosternProcess.start(
-          {
-            dir: offDir,
-            certFile,
-            keyFile,
-            sinkPort: sink.port,
-            maxMessageSize: MAX_MESSAGE_SIZE,
-            nodeArgs: settings.posternNodeArgs,
-            logLevel: process.env.BENCH_LOG_LEVEL || undefined,
-            enforcePolicy: false,
-          },
-          ACCOUNT,
-        );
-        children.push(off);
-        const offBench = new Bench(sink, off);
-        await offBench.posternLoad('submission', 'reuse', 10, { warmupMs: 0, durationMs: 2000 });
-        await offBench.drain();
-        for (const mode of ['new', 'reuse'] as const) {
-          say(`587 ${mode} c=50: policy on, then off`);
-          const on = await bench.scenario('postern', postern.pid, postern.ports.submission, 'submission', mode, 50);
-          await bench.drain();
-          const offFigures = await offBench.scenario('postern-policy-off', off.pid, off.ports.submission, 'submission', mode, 50);
+        if (settings.policy === 'on' && !quick) {
+          // Policy overhead, in this run: a second Postern, identical but for `[policy] enforce =
+          // false`, takes the same 587 loads right after the first takes them again.
+          say('policy overhead: a second Postern with [policy] enforce = false');
+          const offDir = path.join(dir, 'policy-off');
+          fs.mkdirSync(offDir, { recursive: true });
+          const off = await PosternProcess.start(
+            {
+              dir: offDir,
+              certFile,
+              keyFile,
+              sinkPort: sink.port,
+              maxMessageSize: MAX_MESSAGE_SIZE,
+              nodeArgs: settings.posternNodeArgs,
+              logLevel: process.env.BENCH_LOG_LEVEL || undefined,
+              enforcePolicy: false,
+            },
+            ACCOUNT,
+          );
+          children.push(off);
+          const offBench = new Bench(sink, off);
+          await offBench.posternLoad('submission', 'reuse', 10, { warmupMs: 0, durationMs: 2000 });
           await offBench.drain();
-          results.policyOverhead.push({ mode, on: on.messagesPerSecond, off: offFigures.messagesPerSecond });
-          say(`  policy on ${on.messagesPerSecond.toFixed(0)}/s, off ${offFigures.messagesPerSecond.toFixed(0)}/s`);
+          for (const mode of ['new', 'reuse'] as const) {
+            say(`587 ${mode} c=50: policy on, then off`);
+            const on = await bench.scenario('postern', postern.pid, postern.ports.submission, 'submission', mode, 50);
+            await bench.drain();
+            const offFigures = await offBench.scenario('postern-policy-off', off.pid, off.ports.submission, 'submission', mode, 50);
+            await offBench.drain();
+            results.policyOverhead.push({ mode, on: on.messagesPerSecond, off: offFigures.messagesPerSecond });
+            say(`  policy on ${on.messagesPerSecond.toFixed(0)}/s, off ${offFigures.messagesPerSecond.toFixed(0)}/s`);
+          }
+          await off.stop();
         }
-        await off.stop();
       }
-    }
 
-    if (settings.only === 'all' || settings.only === 'memory') {
-      const phase = settings.only === 'memory' ? 'at the end' : 'after load';
-      say(`${IDLE_CONNECTIONS} idle connections to postern (${phase})`);
-      results.idle.push(await bench.idle('postern', phase, postern.pid, postern.ports.submission));
-      say(`${IDLE_CONNECTIONS} idle connections to ceiling-tls (${phase})`);
-      results.idle.push(await bench.idle('ceiling-tls', phase, ceilingTls.pid, ceilingTls.port));
-    }
+      if (settings.only === 'all' || settings.only === 'memory') {
+        const phase = settings.only === 'memory' ? 'at the end' : 'after load';
+        say(`${IDLE_CONNECTIONS} idle connections to postern (${phase})`);
+        results.idle.push(await bench.idle('postern', phase, postern.pid, postern.ports.submission));
+        say(`${IDLE_CONNECTIONS} idle connections to ceiling-tls (${phase})`);
+        results.idle.push(await bench.idle('ceiling-tls', phase, ceilingTls.pid, ceilingTls.port));
+      }
 
-    say('stopping Postern');
-    await postern.stop();
+      say('stopping Postern');
+      await postern.stop();
+    }
   } finally {
     for (const child of children.reverse()) await child.stop().catch(() => undefined);
   }
@@ -283,7 +298,7 @@ async function main(): Promise<void> {
   fs.writeFileSync(jsonFile, `${JSON.stringify(results, null, 2)}\n`);
   if (process.env.BENCH_KEEP !== '1') {
     // The queue and the log can be hundreds of MB; keep what a person reads afterwards.
-    for (const name of ['data', 'postern.log', 'tls']) fs.rmSync(path.join(dir, name), { recursive: true, force: true });
+    for (const name of ['data', 'postern.log', 'tls', 'upstream/data', 'upstream/postern.log']) fs.rmSync(path.join(dir, name), { recursive: true, force: true });
   }
   process.stdout.write(formatReport(results, jsonFile));
   if (settings.cpuProfile) process.stdout.write(`Postern CPU profile: ${profileFiles(path.join(dir, 'profile')).join(', ') || 'none written'}\n`);

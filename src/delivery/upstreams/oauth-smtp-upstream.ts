@@ -14,6 +14,7 @@
 //      logged in with the app's token (cached and refreshed in oauth2-tokens.ts).
 //   5. The replies, read the provider's way (provider-replies.ts): throttling waits, problems an
 //      administrator must fix are deferred and logged with the fix, never bounced.
+import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from '../../observe/logger.js';
 import { deliveryError } from '../delivery-error.js';
 import type { DeliveryJob, DeliveryOutcome, DeliveryTarget, RecipientResult } from '../delivery-target.js';
@@ -80,9 +81,18 @@ export class OAuthSmtpUpstreamTarget implements DeliveryTarget {
     const held = this.#holds.held(mailbox);
     if (held) return all(held);
 
-    const now = this.#now();
     const recipients = new Set(job.recipients.map((r) => r.address.toLowerCase())).size;
-    const admission = this.#limits.admit(mailbox, job.queueId, recipients, now);
+    let admission = this.#limits.admit(mailbox, job.queueId, recipients, this.#now());
+    // A short wait (a slot moved by the delivery latency of the messages before it) is waited
+    // here; a long one goes back to the queue with its slot.
+    for (let tries = 0; !admission.go && admission.at - this.#now() <= this.#limits.shortWaitMs && tries < 5; tries++) {
+      const aborted = await sleep(Math.max(0, admission.at - this.#now()), undefined, job.signal ? { signal: job.signal } : undefined).then(
+        () => false,
+        () => true,
+      );
+      if (aborted) return all(deliveryError('INTERRUPTED').toOutcome());
+      admission = this.#limits.admit(mailbox, job.queueId, recipients, this.#now());
+    }
     if (!admission.go) {
       const limit = `${mailbox} may send ${admission.limit.label}`;
       return all({

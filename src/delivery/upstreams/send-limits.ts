@@ -8,9 +8,10 @@
 // three states:
 //
 //   - reserved: the message may not go now; it gets a slot, the earliest time the windows have
-//     room for it behind the messages already waiting, and goes back to the queue until then (not
-//     counted as an attempt). Later reservations queue behind it, so a burst of 500 messages is
-//     planned once, at the allowed rate, and each message is claimed about twice.
+//     room for it behind the messages already waiting (and evenly spaced after them: a minute / 30
+//     for Exchange), and goes back to the queue until then (not counted as an attempt). Later
+//     reservations queue behind it, so a burst of 500 messages is planned once, at the allowed
+//     rate, and each message is claimed about twice.
 //   - in flight: admitted and being delivered. It counts in every window until it is done,
 //     whatever its time, because the provider will count it when it arrives.
 //   - done: counted at the time the delivery finished (settle()), which is when the provider saw
@@ -103,6 +104,14 @@ export class SendLimits {
   }
 
   /**
+   * A wait this short is better spent where the message is than on a trip back through the
+   * queue: a tenth of the shortest window (6 s for "a minute"), at most 5 s.
+   */
+  get shortWaitMs(): number {
+    return Math.min(5000, ...this.#limits.map((l) => l.windowMs / 10));
+  }
+
+  /**
    * May message `queueId` with `recipients` recipients go as `identity` now? Yes: it is in flight
    * until settle(). No: it has a slot at the returned time; asking again then usually says yes.
    */
@@ -170,7 +179,16 @@ export class SendLimits {
   #slot(sends: IdentitySends, entry: Entry, now: number, behindWaiting: boolean): number {
     const others = [...sends.entries.values()].filter((e) => e.id !== entry.id);
     let at = now + 1;
-    if (behindWaiting) for (const e of others) if (e.state === 'reserved') at = Math.max(at, e.at);
+    if (behindWaiting) {
+      // Behind the messages already waiting, and a message window's even share after the last of
+      // them (a minute / 30 = 2 s): a backlog leaves one message at a time, not in bursts of 30
+      // that queue for the mailbox's 3 connections and reach the provider spread out.
+      const lastReserved = Math.max(-Infinity, ...others.filter((e) => e.state === 'reserved').map((e) => e.at));
+      if (lastReserved > -Infinity) {
+        const spacing = Math.max(0, ...this.#limits.filter((l) => l.unit === 'messages').map((l) => l.windowMs / l.limit));
+        at = Math.max(at, lastReserved + spacing);
+      }
+    }
     const times = others.map((e) => ({ t: e.state === 'in_flight' ? Math.max(e.at, now) : e.at, e })).sort((a, b) => a.t - b.t);
     // Moving later for one window never frees another, so a few rounds settle it.
     for (let round = 0; round < 8; round++) {
