@@ -50,9 +50,41 @@ describe('send limits', () => {
     const sent = drain(limits, 'printer@contoso.com', ids).map((s) => s.at);
     expect(sent).toHaveLength(100);
     expect(maxInWindow(sent, MINUTE)).toBe(30);
-    // 30 at once, then 30 a minute later, and so on: the last 10 go at 3 minutes.
+    // 30 at once (the limit allows it), then the backlog one every 2 s (a minute / 30).
     expect(sent.filter((t) => t === 0)).toHaveLength(30);
-    expect(Math.max(...sent)).toBe(3 * MINUTE);
+    const backlog = sent.filter((t) => t > 0).sort((a, b) => a - b);
+    expect(backlog[0]).toBe(MINUTE);
+    for (let i = 1; i < backlog.length; i++) expect(backlog[i]! - backlog[i - 1]!).toBe(2000);
+    expect(Math.max(...sent)).toBe(MINUTE + 69 * 2000);
+  });
+
+  it('a retried message is a second send: what the provider counted stays counted', () => {
+    const limits = new SendLimits([{ label: '10 recipients a day', limit: 10, windowMs: 86_400_000, unit: 'recipients' }]);
+    expect(limits.admit('a@x', 'm', 8, 0)).toEqual({ go: true });
+    limits.settle('a@x', 'm', 0);
+    // One of its recipients was deferred and comes back alone.
+    expect(limits.admit('a@x', 'm', 1, 1000)).toEqual({ go: true });
+    limits.settle('a@x', 'm', 1000);
+    expect(limits.admit('a@x', 'n', 8, 2000)).toMatchObject({ go: false, at: 86_400_000 });
+  });
+
+  it('a message sent as several transactions counts as several messages', () => {
+    const limits = new SendLimits([perMinute(5)]);
+    expect(limits.admit('a@x', 'big', 1200, 0, 3)).toEqual({ go: true });
+    limits.settle('a@x', 'big', 0);
+    expect(limits.admit('a@x', 'b', 1, 1, 2)).toEqual({ go: true });
+    limits.settle('a@x', 'b', 1);
+    expect(limits.admit('a@x', 'c', 1, 2)).toMatchObject({ go: false, at: MINUTE });
+  });
+
+  it('a cancelled reservation no longer holds later mail back', () => {
+    const limits = new SendLimits([perMinute(1)]);
+    expect(limits.admit('a@x', '1', 1, 0)).toEqual({ go: true });
+    limits.settle('a@x', '1', 0);
+    expect(limits.admit('a@x', 'gone', 1, 10)).toMatchObject({ go: false, at: MINUTE });
+    limits.cancel('a@x', 'gone');
+    expect(limits.admit('a@x', 'next', 1, 20)).toMatchObject({ go: false, at: MINUTE });
+    expect(limits.admit('a@x', 'next', 1, MINUTE)).toEqual({ go: true });
   });
 
   it('keeps a reserved slot for its message: asked early it waits, asked at the slot it goes', () => {

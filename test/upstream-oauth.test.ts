@@ -208,6 +208,20 @@ describe('Microsoft 365 over SMTP (XOAUTH2)', () => {
     await expectNoSecrets(h, [a, b], ['the-secret-id-not-its-value']);
   });
 
+  test('the token endpoint down: deferred and tried again, not held as a configuration problem', async () => {
+    const exchange = await startExchange();
+    const h = await harness(m365(exchange));
+    identity.failNext(1, 503, { error: 'temporarily_unavailable', error_description: 'AADSTS50196: The server terminated an operation because it encountered a client request loop.' });
+    const a = await h.enqueue({ sender: PRINTER, recipients: ['x@fabrikam.test'] });
+    const ra = recipient(await settled(h, a), 'x@fabrikam.test');
+    expect(ra.state).toBe('deferred');
+    expect(ra.lastResponse).toMatch(/^4\.4\.1 Cannot get an access token for upstream m365: HTTP 503 from https:\/\/127\.0\.0\.1:\d+: temporarily_unavailable/);
+    expect(h.logs.filter((l) => String(l.event).startsWith('upstream_'))).toEqual([]);
+    // Not held: the next message gets a token and goes.
+    const b = await h.enqueue({ sender: PRINTER, recipients: ['y@fabrikam.test'] });
+    expect(recipient(await settled(h, b), 'y@fabrikam.test').state).toBe('delivered');
+  });
+
   test('535 5.7.139 (SMTP AUTH off for a mailbox): that mailbox is held with the PowerShell fix, the others deliver', async () => {
     const exchange = await startExchange();
     exchange.disableSmtpAuth(PRINTER);
@@ -255,12 +269,19 @@ describe('Microsoft 365 over SMTP (XOAUTH2)', () => {
     expect(r.nextAttemptAt).toBeGreaterThanOrEqual(started + 60_000);
     expect(r.nextAttemptAt).toBeLessThan(Date.now() + 61_000);
     expect(h.logs.find((l) => l.event === 'upstream_throttled')).toMatchObject({ mailbox: PRINTER, retryInMs: 60_000 });
+    // The mailbox's next message waits for the same time without trying; other mailboxes go on.
+    const next = await h.enqueue({ sender: PRINTER, recipients: ['y@fabrikam.test'] });
+    expect(recipient(await settled(h, next), 'y@fabrikam.test')).toMatchObject({ state: 'deferred', nextAttemptAt: r.nextAttemptAt });
+    const other = await h.enqueue({ sender: SCANNER, recipients: ['z@fabrikam.test'] });
+    expect(recipient(await settled(h, other), 'z@fabrikam.test').state).toBe('delivered');
+    expect(exchange.messages.map((m) => m.mailbox)).toEqual([SCANNER]);
   });
 
   test.each([
     ['554 5.2.2 mailbox full; Quota exceeded', 'mailbox_full', 'mailbox'],
     ['550 5.7.30 Basic authentication is not supported for Client Submission.', 'basic_auth_refused', 'upstream'],
     ['550 5.7.68 TenantOutboundBlocked', 'tenant_blocked', 'upstream'],
+    ['550 5.7.708 Service unavailable. Access denied, traffic not accepted from this IP.', 'tenant_blocked', 'upstream'],
   ] as const)('%s is a configuration problem: deferred, held, logged (%s)', async (reply, problem, scope) => {
     const exchange = await startExchange();
     const [code, ...rest] = reply.split(' ');
@@ -364,13 +385,17 @@ describe('Google Workspace over SMTP (XOAUTH2, service account)', () => {
     await expectNoSecrets(h, [a, b], [privateKey.split('\n')[1]!]);
   });
 
-  test('a mailbox without domain-wide delegation: token refused, deferred with the Admin console step', async () => {
-    const { upstream } = await startGmail(['alice@example.com']);
+  test('a mailbox without domain-wide delegation: token refused, that mailbox held with the Admin console step, the others go on', async () => {
+    const { gmail, upstream } = await startGmail(['alice@example.com']);
     const h = await harness(upstream);
     const id = await h.enqueue({ sender: 'mallory@example.com', recipients: ['x@far.test'] });
     const r = recipient(await settled(h, id), 'x@far.test');
     expect(r.state).toBe('deferred');
     expect(r.lastResponse).toMatch(/^4\.7\.0 Cannot get an access token for upstream gmail: the token endpoint refused Postern's credentials: unauthorized_client: .*Domain-wide delegation/);
+    expect(h.logs.find((l) => l.event === 'upstream_token_refused')).toMatchObject({ mailbox: 'mallory@example.com' });
+    const alice = await h.enqueue({ sender: 'alice@example.com', recipients: ['y@far.test'] });
+    expect(recipient(await settled(h, alice), 'y@far.test').state).toBe('delivered');
+    expect(gmail.messages.map((m) => m.mailbox)).toEqual(['alice@example.com']);
   });
 });
 
@@ -398,6 +423,12 @@ describe('configuration', () => {
     expect(problems(`${base}certificate_file = "b"\n`)).toEqual(['upstream[0].private_key_file: certificate_file and private_key_file go together (they may name the same PEM file)']);
     expect(problems(`${base}client_secret_file = "a"\nauthority = "http://login.example"\n`)).toEqual([
       'upstream[0].authority: expected an https:// URL (credentials are only sent over TLS)',
+    ]);
+  });
+
+  test('certificates are always verified: the token could send as every mailbox', () => {
+    expect(problems(`${base}client_secret_file = "s"\nverify_certificate = false\n`)).toEqual([
+      'upstream[0].verify_certificate: an OAuth2 upstream always verifies certificates: its access token could send as every mailbox the app may use; for a private CA or a stand-in set ca_file',
     ]);
   });
 

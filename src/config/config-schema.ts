@@ -225,7 +225,17 @@ const oauthUpstreamKeys = {
    * each message as its envelope sender's mailbox.
    */
   mailbox: mailboxAddress.optional(),
-  verify_certificate: z.boolean().default(true),
+  /**
+   * Always true: the bearer token sent in AUTH XOAUTH2 can send as every mailbox the app may use,
+   * so it never goes to a server whose certificate is not verified (ca_file for a private CA).
+   */
+  verify_certificate: z
+    .boolean()
+    .default(true)
+    .refine((v) => v, {
+      message:
+        'an OAuth2 upstream always verifies certificates: its access token could send as every mailbox the app may use; for a private CA or a stand-in set ca_file',
+    }),
   /** PEM CAs to trust for the token endpoint and the SMTP server instead of the public ones. */
   ca_file: z.string().min(1).optional(),
 };

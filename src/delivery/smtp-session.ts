@@ -280,7 +280,7 @@ export class SmtpSession {
       const onAbort = () => connection.close();
       const where = { remoteMta: mx.hostname, remoteIp: mx.host };
       /** Ends the setup: a session, or the error (or a failure already decided) as the outcome. */
-      const finish = (err?: SmtpClientError, decided?: { failure: DeliveryOutcome; problem: SetupProblem }) => {
+      const finish = (err?: SmtpClientError, decided?: { failure: DeliveryOutcome; problem: SetupProblem | undefined }) => {
         if (settled) return;
         settled = true;
         watch.end();
@@ -298,7 +298,7 @@ export class SmtpSession {
           return;
         }
         if (decided) {
-          resolve({ failure: { ...decided.failure, status: 'deferred' }, tlsHandshakeFailed: false, problem: decided.problem });
+          resolve({ failure: { ...decided.failure, status: 'deferred' }, tlsHandshakeFailed: false, ...(decided.problem ? { problem: decided.problem } : {}) });
           return;
         }
         const error: SmtpClientError = watch.explain(
@@ -354,7 +354,7 @@ export class SmtpSession {
     options: SmtpSessionOptions,
     server: string,
     where: { remoteMta: string; remoteIp: string },
-    finish: (err?: SmtpClientError, decided?: { failure: DeliveryOutcome; problem: SetupProblem }) => void,
+    finish: (err?: SmtpClientError, decided?: { failure: DeliveryOutcome; problem: SetupProblem | undefined }) => void,
   ): void {
     const auth = options.auth!;
     if (!connection.secure) {
@@ -408,7 +408,7 @@ export class SmtpSession {
     server: string,
     where: { remoteMta: string; remoteIp: string },
     offered: string[] | undefined,
-    finish: (err?: SmtpClientError, decided?: { failure: DeliveryOutcome; problem: SetupProblem }) => void,
+    finish: (err?: SmtpClientError, decided?: { failure: DeliveryOutcome; problem: SetupProblem | undefined }) => void,
   ): void {
     if (offered ? !offered.includes('XOAUTH2') : !connection.allowsAuth) {
       const failure = deliveryError('AUTH_UNAVAILABLE', {
@@ -440,8 +440,11 @@ export class SmtpSession {
       watch.begin();
       connection.login({ user: auth.user, oauth2, method: 'XOAUTH2' }, (err) => {
         const error = err as SmtpClientError | null;
-        if (tokenFailure) return finish(undefined, { failure: tokenFailure.outcome, problem: tokenFailure.problem ?? 'token_refused' });
-        if (error && !renewed && error.code === 'EAUTH' && error.responseCode !== undefined && error.responseCode >= 500 && !connection.destroyed) {
+        // A refusal from the token endpoint is a setup problem; the endpoint being down is not.
+        if (tokenFailure) return finish(undefined, { failure: tokenFailure.outcome, problem: tokenFailure.problem });
+        // Renewed only when the server says the token is no good (Exchange: 535 5.7.3). A refusal
+        // that names another cause (SMTP AUTH off, 5.7.139) would only cost a second failed login.
+        if (error && !renewed && error.code === 'EAUTH' && isTokenRefusal(error.response) && !connection.destroyed) {
           attempt(true);
           return;
         }
@@ -549,7 +552,7 @@ export class SmtpSession {
   #completedTransaction(envelope: TransactionEnvelope, info: SMTPConnection.SentMessageInfo): TransactionResult {
     const replies = new Map<string, DeliveryOutcome>();
     const ok = parseReply(info.response) ?? { code: 250, enhanced: '2.0.0', response: info.response || '250' };
-    for (const rejected of info.rejectedErrors ?? []) this.#setRejected(replies, rejected as SmtpClientError);
+    for (const rejected of info.rejectedErrors ?? []) this.#setRejected(replies, rejected as SmtpClientError, false);
     for (const address of envelope.to) {
       if (!replies.has(address)) replies.set(address, this.#remote(ok.code, ok.enhanced, ok.response));
     }
@@ -562,7 +565,10 @@ export class SmtpSession {
     const rejectedErrors =
       err.rejectedErrors ?? ((this.#connection as unknown as ConnectionInternals)._envelope || undefined)?.rejectedErrors ?? [];
     // A definite RCPT refusal stands even when the transaction failed afterwards.
-    for (const rejected of rejectedErrors) this.#setRejected(replies, rejected);
+    // "503 Need mail command" to a pipelined RCPT only echoes a refused MAIL FROM, whose reply is
+    // the one that says why (Exchange's "430 4.2.0 mailbox logon failure", say).
+    const mailRefused = err.code === 'EENVELOPE' && /^MAIL/i.test(err.command ?? '');
+    for (const rejected of rejectedErrors) this.#setRejected(replies, rejected, mailRefused);
     const outcome = classifyError(err, this.server, this.#destination, this.remoteMta, this.remoteIp, envelope.size);
     for (const address of envelope.to) if (!replies.has(address)) replies.set(address, outcome);
     // Replies to MAIL, RCPT and DATA leave the session usable (RSET before the next message);
@@ -572,12 +578,10 @@ export class SmtpSession {
     return { replies, reusable };
   }
 
-  #setRejected(replies: Map<string, DeliveryOutcome>, rejected: SmtpClientError): void {
+  #setRejected(replies: Map<string, DeliveryOutcome>, rejected: SmtpClientError, skipBadSequence: boolean): void {
     if (!rejected.recipient || !rejected.response) return;
     const reply = parseReply(rejected.response);
-    // "503 Need mail command" to a pipelined RCPT only echoes the refused MAIL FROM, whose reply
-    // is the one that says why (Exchange's "430 4.2.0 mailbox logon failure", say).
-    if (reply && reply.code !== 503) replies.set(rejected.recipient, this.#remote(reply.code, reply.enhanced, reply.response));
+    if (reply && !(skipBadSequence && reply.code === 503)) replies.set(rejected.recipient, this.#remote(reply.code, reply.enhanced, reply.response));
   }
 
   #remote(code: number, enhanced: string, response: string): DeliveryOutcome {
@@ -832,4 +836,13 @@ function offeredMechanisms(connection: SMTPConnection): string[] | undefined {
     const m = /^AUTH[\s=](.*)/i.exec(line);
     return m ? m[1]!.trim().toUpperCase().split(/[\s=]+/) : [];
   });
+}
+
+/**
+ * A reply to AUTH XOAUTH2 that says the token itself was refused, so a fresh one may do: Exchange's
+ * "535 5.7.3 Authentication unsuccessful", or a bare 535 with no enhanced code. Not 5.7.139 (SMTP
+ * AUTH switched off) or 5.7.30 (basic auth): a new token changes nothing there.
+ */
+function isTokenRefusal(response: string | undefined): boolean {
+  return /^535(?:[ -]5\.7\.3\b|[ -](?!\d\.\d))/.test(response ?? '');
 }

@@ -359,6 +359,20 @@ export class QueueRunner {
         },
       };
     }
+    if (result.waitUntil !== undefined) {
+      // Its turn under the upstream's sending limit comes after the message expires.
+      const expired = deliveryError('EXPIRED', { attempts: r.attempts === 1 ? '1 attempt' : `${r.attempts} attempts`, last: result.response });
+      return {
+        outcome: { index: r.index, state: 'failed', code: r.lastCode, response: expired.response },
+        bounce: {
+          address: r.address,
+          orcpt: r.orcpt,
+          status: expired.enhanced,
+          reason: `The message could not be sent within ${formatAge(message.expiresAt - message.receivedAt)}: the upstream's sending limit left it no turn before it expired.`,
+          detail: withoutStatus(result.response),
+        },
+      };
+    }
     // A server that said when to come back (throttling) is retried then, not on the backoff.
     const nextAttemptAt = result.retryAt !== undefined ? Math.max(result.retryAt, now) : now + retryDelay(attempts, this.#config.queue);
     if (nextAttemptAt > message.expiresAt) {

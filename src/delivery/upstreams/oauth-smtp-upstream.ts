@@ -40,6 +40,16 @@ export interface OAuthSmtpUpstreamSpec {
   mailbox: string | undefined;
   limits: readonly WindowLimit[];
   connectionsPerMailbox: number;
+  /**
+   * Recipients per SMTP transaction; a message with more is sent (and counted by the provider) as
+   * several. Exchange Online takes 500, Gmail 100.
+   */
+  recipientsPerMessage: number;
+  /**
+   * What a refusal from the token endpoint stops: Microsoft's token is the app's, for every
+   * mailbox ('upstream'); Google's is per mailbox (domain-wide delegation may cover some only).
+   */
+  tokenScope: 'upstream' | 'mailbox';
   classify: ReplyClassifier;
 }
 
@@ -79,10 +89,15 @@ export class OAuthSmtpUpstreamTarget implements DeliveryTarget {
       return all(failure);
     }
     const held = this.#holds.held(mailbox);
-    if (held) return all(held);
+    if (held) {
+      this.#limits.cancel(mailbox, job.queueId);
+      return all(held);
+    }
 
     const recipients = new Set(job.recipients.map((r) => r.address.toLowerCase())).size;
-    let admission = this.#limits.admit(mailbox, job.queueId, recipients, this.#now());
+    const transactions = Math.max(1, Math.ceil(recipients / this.#spec.recipientsPerMessage));
+    const admit = () => this.#limits.admit(mailbox, job.queueId, recipients, this.#now(), transactions);
+    let admission = admit();
     // A short wait (a slot moved by the delivery latency of the messages before it) is waited
     // here; a long one goes back to the queue with its slot.
     for (let tries = 0; !admission.go && admission.at - this.#now() <= this.#limits.shortWaitMs && tries < 5; tries++) {
@@ -90,8 +105,11 @@ export class OAuthSmtpUpstreamTarget implements DeliveryTarget {
         () => false,
         () => true,
       );
-      if (aborted) return all(deliveryError('INTERRUPTED').toOutcome());
-      admission = this.#limits.admit(mailbox, job.queueId, recipients, this.#now());
+      if (aborted) {
+        this.#limits.cancel(mailbox, job.queueId);
+        return all(deliveryError('INTERRUPTED').toOutcome());
+      }
+      admission = admit();
     }
     if (!admission.go) {
       const limit = `${mailbox} may send ${admission.limit.label}`;
@@ -101,6 +119,7 @@ export class OAuthSmtpUpstreamTarget implements DeliveryTarget {
       });
     }
 
+    const startedAt = this.#now();
     let results: RecipientResult[];
     try {
       results = await this.#targetFor(mailbox).deliver(job);
@@ -108,7 +127,7 @@ export class OAuthSmtpUpstreamTarget implements DeliveryTarget {
       // Counted from when it reached the provider (or failed to): see send-limits.ts.
       this.#limits.settle(mailbox, job.queueId, this.#now());
     }
-    if (results.some((r) => r.status === 'delivered')) this.#holds.recovered(mailbox);
+    if (results.some((r) => r.status === 'delivered')) this.#holds.recovered(mailbox, startedAt);
     return results.map((result) => this.#read(result, mailbox, job.sender));
   }
 
@@ -119,9 +138,13 @@ export class OAuthSmtpUpstreamTarget implements DeliveryTarget {
     switch (verdict.action) {
       case 'retry':
         return result.status === 'failed' ? { ...result, status: 'deferred' } : result;
-      case 'retry_later':
+      case 'retry_later': {
+        // The mailbox's other mail waits as well, instead of each message being told the same.
+        const until = this.#now() + verdict.afterMs;
+        this.#holds.pause(mailbox, until, result);
         this.#log?.warn({ event: 'upstream_throttled', mailbox, code: result.code, response: result.response, retryInMs: verdict.afterMs }, `upstream ${this.name}: ${verdict.advice}`);
-        return { ...result, status: 'deferred', retryAt: this.#now() + verdict.afterMs };
+        return { ...result, status: 'deferred', retryAt: until };
+      }
       case 'fail':
         return result;
       case 'configuration':
@@ -154,6 +177,7 @@ export class OAuthSmtpUpstreamTarget implements DeliveryTarget {
         heloName: this.#context.heloName,
         connectTimeout: this.#context.connectTimeout,
         commandTimeout: this.#context.commandTimeout,
+        maxRecipientsPerTransaction: spec.recipientsPerMessage,
       },
     );
     this.#mailboxes.set(key, target);
@@ -163,8 +187,14 @@ export class OAuthSmtpUpstreamTarget implements DeliveryTarget {
   #onSetupProblem(mailbox: string, problem: SetupProblem, failure: DeliveryOutcome): void {
     switch (problem) {
       case 'token_refused':
-        // The app's credentials: every mailbox of this upstream is refused alike.
-        this.#holds.hold('', 'token_refused', failure, `fix the app's credentials (${withoutStatus(failure.response)}), then restart Postern`);
+        // Microsoft: the app's credentials, refused for every mailbox alike. Google: this
+        // mailbox's delegation (others may have it).
+        this.#holds.hold(
+          this.#spec.tokenScope === 'mailbox' ? mailbox : '',
+          'token_refused',
+          failure,
+          `fix the app's credentials (${withoutStatus(failure.response)}), then restart Postern`,
+        );
         return;
       case 'auth_refused': {
         const verdict = this.#spec.classify(failure, { mailbox, sender: mailbox });

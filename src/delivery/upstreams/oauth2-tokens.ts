@@ -83,15 +83,30 @@ abstract class CachingTokenSource implements TokenSource {
     const inFlight = this.#fetching.get(key);
     if (inFlight) return inFlight;
     const fetching = this.fetchToken(mailbox)
-      .then(({ value, expiresIn }) => {
-        const now = this.now();
-        const lifetime = Math.max(expiresIn, 1) * 1000;
-        this.#cache.set(key, { value, expiresAt: now + lifetime, refreshAt: now + lifetime - refreshMargin(lifetime) });
-        return value;
-      })
+      .then(
+        ({ value, expiresIn }) => {
+          const now = this.now();
+          const lifetime = Math.max(expiresIn, 1) * 1000;
+          this.#cache.set(key, { value, expiresAt: now + lifetime, refreshAt: now + lifetime - refreshMargin(lifetime) });
+          this.#sweep(now);
+          return value;
+        },
+        (err: unknown) => {
+          // An early refresh that found the endpoint down: the token in hand is still good.
+          const stillValid = !renew && cached && this.now() < cached.expiresAt;
+          if (stillValid && err instanceof TokenFailure && err.problem === undefined) return cached.value;
+          throw err;
+        },
+      )
       .finally(() => this.#fetching.delete(key));
     this.#fetching.set(key, fetching);
     return fetching;
+  }
+
+  /** Expired tokens go (Google's are per mailbox: one per sender that ever sent). */
+  #sweep(now: number): void {
+    if (this.#cache.size < 64) return;
+    for (const [key, token] of this.#cache) if (token.expiresAt <= now) this.#cache.delete(key);
   }
 
   /** POSTs a form to the token endpoint and reads the token out of the JSON answer. */

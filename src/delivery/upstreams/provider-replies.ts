@@ -112,7 +112,12 @@ export const classifyMicrosoftReply: ReplyClassifier = (outcome, { mailbox, send
     };
   }
   if (/^5\.7\.70[58]$/.test(enhanced)) {
-    return { action: 'retry_later', afterMs: 60 * MINUTE, advice: 'Exchange has blocked the tenant from sending (outbound spam protection): see the Defender portal\'s restricted entities page' };
+    return {
+      action: 'configuration',
+      hold: 'upstream',
+      problem: 'tenant_blocked',
+      advice: 'Exchange has blocked the tenant from sending (outbound spam protection, 5.7.705/5.7.708): an administrator must have the block lifted (Defender portal, restricted entities; or a Microsoft support request)',
+    };
   }
   if (code === 430 && enhanced === '4.2.0') {
     return { action: 'retry', advice: `Exchange could not open the mailbox ${mailbox} (a temporary logon failure)` };

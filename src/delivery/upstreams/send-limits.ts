@@ -40,11 +40,15 @@ export interface WindowLimit {
 type EntryState = 'reserved' | 'in_flight' | 'done';
 
 interface Entry {
-  id: string;
+  /** Unique per send: a message retried (one recipient deferred) is a second send. */
+  id: number;
+  queueId: string;
   /** reserved: the slot; in flight: when it was let go; done: when the delivery finished. */
   at: number;
-  /** Recipients (the message windows count 1 per entry). */
+  /** Recipients, for the recipient windows. */
   recipients: number;
+  /** Messages the provider will count: a message split into several transactions is several. */
+  messages: number;
   state: EntryState;
 }
 
@@ -66,7 +70,7 @@ const STALE_IN_FLIGHT_MS = 3_600_000;
 
 /** The sends of one identity (a mailbox), shared by all its windows. */
 class IdentitySends {
-  readonly entries = new Map<string, Entry>();
+  readonly entries = new Map<number, Entry>();
   /** Budget windows whose 80% warning has been given and not yet reset by falling below it. */
   readonly warned = new Set<WindowLimit>();
   #longestWindow: number;
@@ -84,14 +88,24 @@ class IdentitySends {
       if (stale) this.entries.delete(id);
     }
   }
+
+  find(queueId: string, state: EntryState): Entry | undefined {
+    for (const e of this.entries.values()) if (e.queueId === queueId && e.state === state) return e;
+    return undefined;
+  }
 }
 
-const units = (limit: WindowLimit, e: { recipients: number }) => (limit.unit === 'messages' ? 1 : e.recipients);
+const units = (limit: WindowLimit, e: { recipients: number; messages: number }) => (limit.unit === 'messages' ? e.messages : e.recipients);
+
+/** How often every identity is pruned, and the empty ones dropped (senders that stopped sending). */
+const SWEEP_MS = 60_000;
 
 export class SendLimits {
   readonly #limits: readonly WindowLimit[];
   readonly #identities = new Map<string, IdentitySends>();
   readonly #onWarning: ((warning: BudgetWarning) => void) | undefined;
+  #nextId = 1;
+  #sweptAt = 0;
 
   /** `onWarning` is told when an identity reaches 80% of a budget window. */
   constructor(limits: readonly WindowLimit[], onWarning?: (warning: BudgetWarning) => void) {
@@ -112,39 +126,57 @@ export class SendLimits {
   }
 
   /**
-   * May message `queueId` with `recipients` recipients go as `identity` now? Yes: it is in flight
-   * until settle(). No: it has a slot at the returned time; asking again then usually says yes.
+   * May message `queueId` go as `identity` now, to `recipients` recipients in `messages` SMTP
+   * transactions? Yes: it is in flight until settle(). No: it has a slot at the returned time;
+   * asking again then usually says yes.
    */
-  admit(identity: string, queueId: string, recipients: number, now: number): Admission {
+  admit(identity: string, queueId: string, recipients: number, now: number, messages = 1): Admission {
     if (this.#limits.length === 0) return { go: true };
+    this.#sweep(now);
     const sends = this.#sends(identity);
     sends.prune(now);
-    const own = sends.entries.get(queueId);
-    if (own?.state === 'reserved' && now < own.at) return { go: false, at: own.at, limit: this.#decidingLimit(sends, own, now) };
-    if (own) sends.entries.delete(queueId);
-    const entry: Entry = { id: queueId, at: now, recipients, state: 'in_flight' };
+    const own = sends.find(queueId, 'reserved');
+    if (own && now < own.at) return { go: false, at: own.at, limit: this.#decidingLimit(sends, own, now) };
+    if (own) sends.entries.delete(own.id);
+    const entry: Entry = { id: this.#nextId++, queueId, at: now, recipients, messages, state: 'in_flight' };
 
     // Messages already waiting go first: a newcomer queues behind them, a returning one does not.
     // (A slot already past is a message about to come back, or one deleted from the queue.)
     const othersWaiting = !own && [...sends.entries.values()].some((e) => e.state === 'reserved' && e.at > now);
     const blocking = othersWaiting ? undefined : this.#fullWindow(sends, entry, now);
     if (!othersWaiting && !blocking) {
-      sends.entries.set(queueId, entry);
+      sends.entries.set(entry.id, entry);
       this.#checkBudgets(identity, sends, now);
       return { go: true };
     }
     const at = this.#slot(sends, entry, now, !own);
     const reserved: Entry = { ...entry, at, state: 'reserved' };
-    sends.entries.set(queueId, reserved);
+    sends.entries.set(reserved.id, reserved);
     return { go: false, at, limit: blocking ?? this.#decidingLimit(sends, reserved, now) };
   }
 
   /** The delivery of `queueId` finished at `at`: it counts from then (or from when it went). */
   settle(identity: string, queueId: string, at: number): void {
-    const entry = this.#identities.get(identity.toLowerCase())?.entries.get(queueId);
-    if (!entry || entry.state !== 'in_flight') return;
+    const entry = this.#identities.get(identity.toLowerCase())?.find(queueId, 'in_flight');
+    if (!entry) return;
     entry.state = 'done';
     entry.at = Math.max(entry.at, at);
+  }
+
+  /** `queueId` will not come back for its slot (it expired, was held, or went elsewhere). */
+  cancel(identity: string, queueId: string): void {
+    const sends = this.#identities.get(identity.toLowerCase());
+    const entry = sends?.find(queueId, 'reserved');
+    if (entry) sends!.entries.delete(entry.id);
+  }
+
+  #sweep(now: number): void {
+    if (now - this.#sweptAt < SWEEP_MS) return;
+    this.#sweptAt = now;
+    for (const [key, sends] of this.#identities) {
+      sends.prune(now);
+      if (sends.entries.size === 0) this.#identities.delete(key);
+    }
   }
 
   #sends(identity: string): IdentitySends {

@@ -67,11 +67,13 @@ export class SmtpUpstreamTarget implements DeliveryTarget {
   readonly #inner: SmtpTarget;
   readonly #log: Logger | undefined;
   readonly #holds: UpstreamHolds;
+  readonly #now: () => number;
 
   constructor(config: SmtpUpstreamConfig, secrets: SmtpUpstreamSecrets, context: UpstreamContext) {
     this.#config = config;
     this.#log = context.logger?.child({ component: 'upstream', upstream: config.name });
-    this.#holds = new UpstreamHolds(config.name, this.#log, context.now ?? Date.now, context.events);
+    this.#now = context.now ?? Date.now;
+    this.#holds = new UpstreamHolds(config.name, this.#log, this.#now, context.events);
     this.name = config.name;
     this.key = `upstream:${config.name.toLowerCase()}`;
     const where = hostPortLabel(config.host, config.port);
@@ -102,8 +104,9 @@ export class SmtpUpstreamTarget implements DeliveryTarget {
   async deliver(job: DeliveryJob): Promise<RecipientResult[]> {
     const held = this.#holds.held('');
     if (held) return job.recipients.map((r) => ({ ...held, index: r.index }));
+    const startedAt = this.#now();
     const results = await this.#inner.deliver(job);
-    if (results.some((r) => r.status === 'delivered')) this.#holds.recovered('');
+    if (results.some((r) => r.status === 'delivered')) this.#holds.recovered('', startedAt);
     let problem: 'auth_required' | 'relay_denied' | undefined;
     const classified = results.map((result) => {
       const reason = configurationReply(result);

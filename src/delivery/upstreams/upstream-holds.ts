@@ -15,7 +15,9 @@ const HOLD_MAX_MS = 3_600_000;
 
 interface Hold {
   until: number;
-  outcome: DeliveryOutcome;
+  /** When it began: a delivery that started before cannot end it. */
+  since: number;
+  outcome: DeliveryOutcome & { retryAt?: number };
   refusals: number;
 }
 
@@ -37,13 +39,25 @@ export class UpstreamHolds {
   }
 
   /** The outcome to give without trying, while `scope` (or the whole upstream) is held. */
-  held(scope: string): DeliveryOutcome | undefined {
+  held(scope: string): (DeliveryOutcome & { retryAt?: number }) | undefined {
     const now = this.#now();
     for (const key of scope === '' ? [''] : ['', scope.toLowerCase()]) {
       const hold = this.#holds.get(key);
       if (hold && now < hold.until) return hold.outcome;
+      if (hold && hold.refusals === 0) this.#holds.delete(key);
     }
     return undefined;
+  }
+
+  /**
+   * The provider said to come back later (throttling): `scope`'s other mail waits until then too,
+   * instead of each message trying and being told the same. Not an error, not doubled.
+   */
+  pause(scope: string, until: number, outcome: DeliveryOutcome): void {
+    const key = scope.toLowerCase();
+    const current = this.#holds.get(key);
+    if (current && current.until >= until) return;
+    this.#holds.set(key, { until, since: this.#now(), outcome: { ...outcome, status: 'deferred', retryAt: until }, refusals: current?.refusals ?? 0 });
   }
 
   /**
@@ -58,7 +72,7 @@ export class UpstreamHolds {
     const refusals = (previous?.refusals ?? 0) + 1;
     const holdMs = Math.min(HOLD_FIRST_MS * 2 ** (refusals - 1), HOLD_MAX_MS);
     // Held mail is deferred whatever the refusal's code: a configuration problem never bounces.
-    this.#holds.set(key, { until: now + holdMs, outcome: { ...failure, status: 'deferred' }, refusals });
+    this.#holds.set(key, { until: now + holdMs, since: now, outcome: { ...failure, status: 'deferred' }, refusals });
     // Every hold is logged: there is at most one per hold period, and each is worth knowing about.
     this.#logged.delete(key);
     this.problem(scope, problem, failure, advice, { ...fields, holdMs, heldUntil: new Date(now + holdMs).toISOString() });
@@ -91,10 +105,17 @@ export class UpstreamHolds {
     });
   }
 
-  /** A delivery through `scope` succeeded: its hold (and the whole upstream's) ends. */
-  recovered(scope: string): void {
-    const keys = ['', scope.toLowerCase()];
-    if (!keys.some((k) => this.#holds.has(k) || this.#logged.has(k))) return;
+  /**
+   * A delivery through `scope` that started at `startedAt` succeeded: holds that began before it
+   * (and the whole upstream's) end. One that began while it ran stays: a connection logged in
+   * before the credentials broke proves nothing about them.
+   */
+  recovered(scope: string, startedAt: number): void {
+    const keys = ['', scope.toLowerCase()].filter((k) => {
+      const hold = this.#holds.get(k);
+      return hold ? hold.since <= startedAt : this.#logged.has(k);
+    });
+    if (keys.length === 0) return;
     for (const k of keys) {
       this.#holds.delete(k);
       this.#logged.delete(k);

@@ -74,7 +74,10 @@ function createTarget(upstream: UpstreamConfig, context: UpstreamContext, env: N
         };
       }
       const tokens = new MicrosoftTokenSource(credentials, tokenOptions(upstream.name, ca, context));
-      return new OAuthSmtpUpstreamTarget(oauthSpec(upstream, 'microsoft365', tokens, ca, classifyMicrosoftReply), context);
+      return new OAuthSmtpUpstreamTarget(
+        { ...oauthSpec(upstream, 'microsoft365', tokens, ca, classifyMicrosoftReply), recipientsPerMessage: 500, tokenScope: 'upstream' },
+        context,
+      );
     }
     case 'google': {
       const ca = upstream.ca_file ? readCertificateFile(upstream.ca_file, 'ca_file') : undefined;
@@ -83,7 +86,7 @@ function createTarget(upstream: UpstreamConfig, context: UpstreamContext, env: N
         { ...account, tokenUri: upstream.token_url ?? account.tokenUri, scope: 'https://mail.google.com/' },
         tokenOptions(upstream.name, ca, context),
       );
-      return new OAuthSmtpUpstreamTarget(oauthSpec(upstream, 'google', tokens, ca, classifyGoogleReply), context);
+      return new OAuthSmtpUpstreamTarget({ ...oauthSpec(upstream, 'google', tokens, ca, classifyGoogleReply), recipientsPerMessage: 100, tokenScope: 'mailbox' }, context);
     }
   }
 }
@@ -94,13 +97,20 @@ function tokenOptions(name: string, ca: string | undefined, context: UpstreamCon
 
 type OAuthUpstreamConfig = Extract<UpstreamConfig, { type: 'microsoft365' | 'google' }>;
 
-function oauthSpec(upstream: OAuthUpstreamConfig, provider: string, tokens: TokenSource, ca: string | undefined, classify: ReplyClassifier): OAuthSmtpUpstreamSpec {
+function oauthSpec(
+  upstream: OAuthUpstreamConfig,
+  provider: string,
+  tokens: TokenSource,
+  ca: string | undefined,
+  classify: ReplyClassifier,
+): Omit<OAuthSmtpUpstreamSpec, 'recipientsPerMessage' | 'tokenScope'> {
   return {
     name: upstream.name,
     provider,
     host: upstream.smtp.host,
     port: upstream.smtp.port,
-    verify: upstream.verify_certificate ? (ca ? { ca } : {}) : undefined,
+    // Always verified (the configuration refuses verify_certificate = false for OAuth2 upstreams).
+    verify: ca ? { ca } : {},
     tokens,
     mailbox: upstream.mailbox,
     limits: windowLimits(upstream.limits),
