@@ -14,6 +14,7 @@ import { Office365SmtpStandIn, type Office365SmtpStandInOptions } from '../src/s
 import { type StandInTls, makeAppCertificate, makeStandInTls } from '../src/standins/standin-certificates.js';
 import { type Harness, recipient, settled, useDeliveryHarness } from './helpers/delivery-harness.js';
 import { tempDir } from './helpers/temp-dir.js';
+import { UpstreamServer } from './helpers/upstream-server.js';
 import { waitFor } from './helpers/wait-for.js';
 
 const { setup, afterRunner } = useDeliveryHarness();
@@ -313,6 +314,87 @@ describe('Microsoft 365 over SMTP (XOAUTH2)', () => {
     const h = await harness(m365(exchange));
     const id = await h.enqueue({ sender: PRINTER, recipients: ['nobody@contoso.com'] });
     expect(recipient(await settled(h, id), 'nobody@contoso.com')).toMatchObject({ state: 'failed', lastCode: 550 });
+  });
+});
+
+describe('fallback', () => {
+  async function startIsp() {
+    const isp = await UpstreamServer.start({ users: { 'relay@isp.test': 'isp-password' }, certificate: tls });
+    afterRunner(() => isp.close());
+    fs.writeFileSync(path.join(files, 'isp.pass'), 'isp-password\n', { mode: 0o600 });
+    return {
+      isp,
+      upstream: {
+        name: 'isp',
+        type: 'smtp' as const,
+        host: '127.0.0.1',
+        port: isp.port,
+        username: 'relay@isp.test',
+        password_file: path.join(files, 'isp.pass'),
+        ca_file: path.join(files, 'ca.pem'),
+      },
+    };
+  }
+
+  async function withFallback(exchange: Office365SmtpStandIn, isp: Record<string, unknown>): Promise<Harness> {
+    return setup({ config: { upstream: [m365(exchange, { fallback: 'isp' }), isp], upstream_route: [{ upstream: 'm365', default: true }] } as never });
+  }
+
+  test('SMTP AUTH switched off for the tenant: the mail goes through the fallback, and the hold sends the next one there at once', async () => {
+    const exchange = await startExchange();
+    exchange.disableTenantSmtpAuth();
+    const { isp, upstream } = await startIsp();
+    const h = await withFallback(exchange, upstream);
+    const a = await h.enqueue({ sender: PRINTER, recipients: ['x@fabrikam.test', 'y@fabrikam.test'] });
+    expect((await settled(h, a)).recipients.map((r) => r.state)).toEqual(['delivered', 'delivered']);
+    expect(isp.messages).toHaveLength(1);
+    expect(isp.messages[0]).toMatchObject({ from: PRINTER, to: ['x@fabrikam.test', 'y@fabrikam.test'] });
+    expect(h.logs.find((l) => l.event === 'upstream_fallback')).toMatchObject({ queueId: a, fallback: 'isp', problem: 'smtp_auth_disabled', recipients: 2 });
+    const loginsBefore = exchange.logins.length;
+    const b = await h.enqueue({ sender: SCANNER, recipients: ['z@fabrikam.test'] });
+    expect(recipient(await settled(h, b), 'z@fabrikam.test').state).toBe('delivered');
+    // The tenant-wide hold: Exchange was not asked again.
+    expect(exchange.logins.length).toBe(loginsBefore);
+    expect(isp.messages).toHaveLength(2);
+  });
+
+  test('what the fallback cannot fix stays with the primary: a refused recipient bounces, a throttled one waits', async () => {
+    const exchange = await startExchange();
+    exchange.script({ at: 'rcpt', code: 550, message: '5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup' });
+    const { isp, upstream } = await startIsp();
+    const h = await withFallback(exchange, upstream);
+    const a = await h.enqueue({ sender: PRINTER, recipients: ['nobody@contoso.com'] });
+    expect(recipient(await settled(h, a), 'nobody@contoso.com')).toMatchObject({ state: 'failed', lastCode: 550 });
+    exchange.script({ at: 'data', code: 432, message: '4.3.2 Concurrent connections limit exceeded.' });
+    const b = await h.enqueue({ sender: PRINTER, recipients: ['x@fabrikam.test'] });
+    expect(recipient(await settled(h, b), 'x@fabrikam.test')).toMatchObject({ state: 'deferred', lastCode: 432 });
+    // Only the bounce for nobody@ went to the fallback: Postern's null sender has no mailbox in
+    // the tenant (no `mailbox` set), which the fallback can fix.
+    expect(h.logs.filter((l) => l.event === 'upstream_fallback' && (l.queueId === a || l.queueId === b))).toEqual([]);
+    expect(h.logs.filter((l) => l.event === 'upstream_fallback').map((l) => l.problem)).toEqual(['no_mailbox']);
+    await waitFor(() => isp.messages.length > 0 || undefined);
+    expect(isp.messages.map((m) => [m.from, m.to])).toEqual([['', [PRINTER]]]);
+  });
+
+  test('configuration: the fallback must exist and must not lead back', () => {
+    const u = (name: string, fallback?: string) =>
+      `[[upstream]]\nname = "${name}"\ntype = "smtp"\nhost = "h"\n${fallback ? `fallback = "${fallback}"\n` : ''}`;
+    const problems = (text: string): string[] => {
+      try {
+        parseConfigText(text, '/etc/postern/postern.toml');
+        return [];
+      } catch (err) {
+        if (err instanceof ConfigError) return err.problems;
+        throw err;
+      }
+    };
+    expect(problems(u('a', 'nope'))).toEqual(['upstream[0].fallback: no [[upstream]] is named "nope" (defined: "a")']);
+    expect(problems(u('a', 'b') + u('b', 'a'))).toEqual([
+      'upstream[0].fallback: the fallbacks of "a" lead back to "a": a fallback must not come round again',
+      'upstream[1].fallback: the fallbacks of "b" lead back to "b": a fallback must not come round again',
+    ]);
+    expect(problems(u('a', 'a'))).toEqual(['upstream[0].fallback: the fallbacks of "a" lead back to "a": a fallback must not come round again']);
+    expect(problems(u('a', 'b') + u('b'))).toEqual([]);
   });
 });
 

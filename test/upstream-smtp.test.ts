@@ -483,13 +483,10 @@ describe('upstream configuration', () => {
     expect(problems(`${ISP}password = "hunter2-not-here"\n`).join('')).not.toContain('hunter2');
   });
 
-  test('an unknown type names the supported ones; Graph says it is not there yet', () => {
+  test('an unknown type names the supported ones', () => {
     const supported = '(supported: "smtp", "microsoft365", "google")';
     expect(problems('[[upstream]]\nname = "x"\ntype = "exchange"\nhost = "h"\n')).toEqual([`upstream[0].type: unknown upstream type "exchange" ${supported}`]);
     expect(problems('[[upstream]]\nname = "x"\nhost = "h"\n')).toEqual([`upstream[0].type: missing: every [[upstream]] needs a type ${supported}`]);
-    expect(problems('[[upstream]]\nname = "m365"\ntype = "microsoft365"\ntenant = "contoso.onmicrosoft.com"\nclient_id = "c"\nclient_secret_file = "s"\nmethod = "graph"\n')).toEqual([
-      'upstream[0].method: method = "graph" is not available in this version yet; use method = "smtp"',
-    ]);
   });
 
   test('a rule naming an upstream that does not exist', () => {

@@ -159,6 +159,7 @@ const smtpUpstream = z
     ca_file: z.string().min(1).optional(),
     /** Connections at once to this upstream (default: delivery.per_destination). */
     max_connections: z.number().int().positive().optional(),
+    fallback: upstreamName.optional(),
   })
   .superRefine((u, ctx) => {
     if (u.password !== undefined) ctx.addIssue({ code: 'custom', path: ['password'], message: INLINE_PASSWORD });
@@ -189,29 +190,42 @@ const smtpUpstream = z
  * Sending limits of one upstream identity (a mailbox), kept by Postern before the provider has to
  * refuse anything (src/delivery/upstreams/send-limits.ts). Each kind sets its provider's defaults.
  */
-function limitsSchema(defaults: { messages_per_minute?: number; messages_per_day?: number; recipients_per_day?: number; connections: number }) {
-  return z
-    .strictObject({
-      messages_per_minute: z.number().positive().optional(),
-      messages_per_day: z.number().positive().optional(),
-      recipients_per_day: z.number().positive().optional(),
-      /** SMTP connections at once per mailbox. */
-      connections: z.number().int().positive().optional(),
-      /**
-       * For tests and benchmarks against a stand-in: every window is multiplied by this (0.01
-       * makes "a minute" 600 ms). Never below 0.001.
-       */
-      time_scale: z.number().min(0.001).max(1).default(1),
-    })
-    .default({ time_scale: 1 })
-    .transform((l) => ({
-      messages_per_minute: l.messages_per_minute ?? defaults.messages_per_minute,
-      messages_per_day: l.messages_per_day ?? defaults.messages_per_day,
-      recipients_per_day: l.recipients_per_day ?? defaults.recipients_per_day,
-      connections: l.connections ?? defaults.connections,
-      time_scale: l.time_scale,
-    }));
+type LimitDefaults = { messages_per_minute?: number; messages_per_day?: number; recipients_per_day?: number; requests_per_10_minutes?: number; connections: number };
+
+const rawLimits = z
+  .strictObject({
+    messages_per_minute: z.number().positive().optional(),
+    messages_per_day: z.number().positive().optional(),
+    recipients_per_day: z.number().positive().optional(),
+    /** Microsoft Graph: API requests per mailbox in any 10 minutes. */
+    requests_per_10_minutes: z.number().positive().optional(),
+    /** SMTP connections (Graph: requests) at once per mailbox. */
+    connections: z.number().int().positive().optional(),
+    /**
+     * For tests and benchmarks against a stand-in: every window is multiplied by this (0.01
+     * makes "a minute" 600 ms). Never below 0.001.
+     */
+    time_scale: z.number().min(0.001).max(1).default(1),
+  })
+  .default({ time_scale: 1 });
+
+/** The limits as configured, the provider's defaults filling what is not. */
+function withDefaults(l: z.output<typeof rawLimits>, defaults: LimitDefaults) {
+  return {
+    messages_per_minute: l.messages_per_minute ?? defaults.messages_per_minute,
+    messages_per_day: l.messages_per_day ?? defaults.messages_per_day,
+    recipients_per_day: l.recipients_per_day ?? defaults.recipients_per_day,
+    requests_per_10_minutes: l.requests_per_10_minutes ?? defaults.requests_per_10_minutes,
+    connections: l.connections ?? defaults.connections,
+    time_scale: l.time_scale,
+  };
 }
+
+/** Exchange Online's limits: SMTP submission per mailbox; Graph per app and mailbox. */
+const MICROSOFT_SMTP_LIMITS: LimitDefaults = { messages_per_minute: 30, recipients_per_day: 10_000, connections: 3 };
+const MICROSOFT_GRAPH_LIMITS: LimitDefaults = { requests_per_10_minutes: 10_000, recipients_per_day: 10_000, connections: 4 };
+/** Google Workspace's per user: 2,000 messages and 10,000 recipients a day. */
+const GOOGLE_LIMITS: LimitDefaults = { messages_per_day: 2_000, recipients_per_day: 10_000, connections: 3 };
 
 const httpsUrl = z.url({ protocol: /^https$/, error: 'expected an https:// URL (credentials are only sent over TLS)' });
 
@@ -220,6 +234,11 @@ const mailboxAddress = z.string().regex(/^[^@\s]+@[^@\s]+$/, 'expected a mailbox
 /** Keys every OAuth2 upstream shares. */
 const oauthUpstreamKeys = {
   name: upstreamName,
+  /**
+   * Another upstream for the mail this one cannot send because of its configuration (refused
+   * credentials, SMTP AUTH switched off, a missing permission): Graph when SMTP is refused, say.
+   */
+  fallback: upstreamName.optional(),
   /**
    * Send all mail as this mailbox (it needs SendAs rights on the senders it sends for). Default:
    * each message as its envelope sender's mailbox.
@@ -259,8 +278,8 @@ const microsoft365Upstream = z
     private_key_file: z.string().min(1).optional(),
     authority: httpsUrl.default('https://login.microsoftonline.com'),
     smtp: hostPort(587).default({ host: 'smtp.office365.com', port: 587 }),
-    /** Exchange Online's limits for SMTP submission, per mailbox. */
-    limits: limitsSchema({ messages_per_minute: 30, recipients_per_day: 10_000, connections: 3 }),
+    graph: httpsUrl.default('https://graph.microsoft.com'),
+    limits: rawLimits,
   })
   .superRefine((u, ctx) => {
     if (u.client_secret !== undefined) ctx.addIssue({ code: 'custom', path: ['client_secret'], message: INLINE_CLIENT_SECRET });
@@ -272,11 +291,11 @@ const microsoft365Upstream = z
     if ((u.certificate_file === undefined) !== (u.private_key_file === undefined)) {
       ctx.addIssue({ code: 'custom', path: ['private_key_file'], message: 'certificate_file and private_key_file go together (they may name the same PEM file)' });
     }
-    if (u.method === 'graph') {
-      ctx.addIssue({ code: 'custom', path: ['method'], message: 'method = "graph" is not available in this version yet; use method = "smtp"' });
-    }
   })
-  .transform(({ client_secret: _inline, ...u }) => u);
+  .transform(({ client_secret: _inline, ...u }) => ({
+    ...u,
+    limits: withDefaults(u.limits, u.method === 'graph' ? MICROSOFT_GRAPH_LIMITS : MICROSOFT_SMTP_LIMITS),
+  }));
 
 const googleUpstream = z.strictObject({
   type: z.literal('google'),
@@ -286,8 +305,7 @@ const googleUpstream = z.strictObject({
   /** Default: the key file's token_uri. */
   token_url: httpsUrl.optional(),
   smtp: hostPort(587).default({ host: 'smtp.gmail.com', port: 587 }),
-  /** Google Workspace's limits per user: 2,000 messages and 10,000 recipients a day. */
-  limits: limitsSchema({ messages_per_day: 2_000, recipients_per_day: 10_000, connections: 3 }),
+  limits: rawLimits.transform((l) => withDefaults(l, GOOGLE_LIMITS)),
 });
 
 /** Every kind of upstream this version can deliver through, by `type`. */
@@ -467,7 +485,7 @@ export const configSchema = z
  * and no address, domain or "default" is claimed by two rules (the router would have to guess).
  */
 function checkUpstreamReferences(
-  config: { route: { domains: string[] }[]; upstream: { name: string }[]; upstream_route: z.output<typeof upstreamRoute>[] },
+  config: { route: { domains: string[] }[]; upstream: { name: string; fallback?: string | undefined }[]; upstream_route: z.output<typeof upstreamRoute>[] },
   ctx: z.RefinementCtx,
 ): void {
   const names = new Map<string, number>();
@@ -477,6 +495,25 @@ function checkUpstreamReferences(
     else names.set(u.name.toLowerCase(), i);
   });
   const defined = config.upstream.map((u) => `"${u.name}"`).join(', ');
+  // A fallback names another upstream, and following fallbacks never comes back round.
+  config.upstream.forEach((u, i) => {
+    if (u.fallback === undefined) return;
+    const path = ['upstream', i, 'fallback'];
+    if (!names.has(u.fallback.toLowerCase())) {
+      ctx.addIssue({ code: 'custom', path, message: `no [[upstream]] is named "${u.fallback}" (defined: ${defined})` });
+      return;
+    }
+    const seen = new Set([u.name.toLowerCase()]);
+    for (let next: string | undefined = u.fallback; next !== undefined; ) {
+      if (seen.has(next.toLowerCase())) {
+        ctx.addIssue({ code: 'custom', path, message: `the fallbacks of "${u.name}" lead back to "${next}": a fallback must not come round again` });
+        return;
+      }
+      seen.add(next.toLowerCase());
+      const index = names.get(next.toLowerCase());
+      next = index === undefined ? undefined : config.upstream[index]!.fallback;
+    }
+  });
   const claimed = new Map<string, string>();
   const claim = (key: string, by: string, path: (string | number)[], what: string) => {
     const first = claimed.get(key);

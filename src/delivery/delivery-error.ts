@@ -62,6 +62,11 @@ export const DELIVERY_ERRORS = {
     enhanced: '4.7.0',
     text: 'Cannot send mail from the null sender through {destination}: no mailbox to send as (set mailbox on the upstream)',
   },
+  GRAPH_UNAVAILABLE: { enhanced: '4.4.1', text: 'Could not reach Microsoft Graph: {reason}' },
+  GRAPH_RECIPIENTS: {
+    enhanced: '4.7.0',
+    text: 'Not sent through {destination}: the message names {address} in its To/Cc/Bcc but not as a recipient here, and Microsoft Graph sends to every address in those fields',
+  },
   THROTTLED: {
     enhanced: '4.7.0',
     text: 'Waiting for {destination}: {limit}; next try at {until}',

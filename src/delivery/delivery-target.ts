@@ -51,6 +51,11 @@ export interface RecipientResult {
   waitUntil?: number;
   /** Deferred by a server that said when to come back (throttling): retried then, not on the backoff. */
   retryAt?: number;
+  /**
+   * Deferred because of the upstream's configuration (refused credentials, a missing permission,
+   * a hold after those), not the message or the recipient: an upstream's fallback may take it.
+   */
+  configurationProblem?: string;
 }
 
 /** A result before it is tied to a recipient. */

@@ -86,7 +86,7 @@ export class OAuthSmtpUpstreamTarget implements DeliveryTarget {
     if (!mailbox) {
       const failure = deliveryError('NO_MAILBOX', { destination: `upstream ${this.name}` }).toOutcome();
       this.#holds.problem('', 'no_mailbox', failure, `mail from the null sender (bounces Postern sends) has no mailbox to send as: set mailbox = "postmaster@your-domain" on this upstream, or route bounces elsewhere`);
-      return all(failure);
+      return all({ ...failure, configurationProblem: 'no_mailbox' });
     }
     const held = this.#holds.held(mailbox);
     if (held) {
@@ -128,7 +128,13 @@ export class OAuthSmtpUpstreamTarget implements DeliveryTarget {
       this.#limits.settle(mailbox, job.queueId, this.#now());
     }
     if (results.some((r) => r.status === 'delivered')) this.#holds.recovered(mailbox, startedAt);
-    return results.map((result) => this.#read(result, mailbox, job.sender));
+    // A setup that failed on the configuration (token refused, AUTH refused) says so on every
+    // recipient it left deferred.
+    const setupProblem = this.#holds.problemSince(mailbox, startedAt);
+    return results.map((result) => {
+      const read = this.#read(result, mailbox, job.sender);
+      return setupProblem && read.status === 'deferred' && !read.configurationProblem && !read.retryAt ? { ...read, configurationProblem: setupProblem } : read;
+    });
   }
 
   /** A result read the provider's way. */
@@ -150,7 +156,7 @@ export class OAuthSmtpUpstreamTarget implements DeliveryTarget {
       case 'configuration':
         if (verdict.hold) this.#holds.hold(verdict.hold === 'mailbox' ? mailbox : '', verdict.problem, result, verdict.advice);
         else this.#holds.problem(mailbox, verdict.problem, result, verdict.advice);
-        return { ...result, status: 'deferred' };
+        return { ...result, status: 'deferred', configurationProblem: verdict.problem };
     }
   }
 

@@ -20,11 +20,11 @@
 // 'token_refused', which holds the upstream. Anything else (no answer, 5xx, 429) is temporary.
 // Secrets never leave this file except in the form body sent to the endpoint over TLS.
 import { createHash, createPrivateKey, randomUUID, X509Certificate, type KeyObject } from 'node:crypto';
-import https from 'node:https';
 import { SignJWT } from 'jose';
 import type { Secret } from '../../config/secret.js';
 import { deliveryError } from '../delivery-error.js';
 import { TokenFailure } from '../smtp-session.js';
+import { httpsRequest } from './https-client.js';
 
 export interface TokenSource {
   /** An access token that lets `mailbox` log in. */
@@ -113,7 +113,12 @@ abstract class CachingTokenSource implements TokenSource {
   protected async requestToken(url: string, form: Record<string, string>, explain: (error: OAuthErrorBody) => string): Promise<{ value: string; expiresIn: number }> {
     let answer: { status: number; body: string };
     try {
-      answer = await postForm(url, form, this.options);
+      const raw = await httpsRequest(
+        url,
+        { method: 'POST', headers: { 'content-type': 'application/x-www-form-urlencoded', accept: 'application/json' }, body: new URLSearchParams(form).toString() },
+        this.options,
+      );
+      answer = { status: raw.status, body: raw.body.toString('utf8') };
     } catch (err) {
       throw new TokenFailure(
         deliveryError('TOKEN_UNAVAILABLE', { destination: this.options.destination, reason: `${new URL(url).origin}: ${(err as Error).message}` }).toOutcome(),
@@ -295,40 +300,4 @@ function explainGoogleError(error: OAuthErrorBody, a: GoogleServiceAccount, mail
     return `${said} (check that the key in service_account_file is current and not deleted, that ${mailbox} exists, and this machine's clock)`;
   }
   return said;
-}
-
-// ---- HTTP ----------------------------------------------------------------------------------
-
-/** POST application/x-www-form-urlencoded over HTTPS only: the form carries a secret. */
-function postForm(url: string, form: Record<string, string>, options: TokenEndpointOptions): Promise<{ status: number; body: string }> {
-  const target = new URL(url);
-  if (target.protocol !== 'https:') return Promise.reject(new Error(`refusing to send credentials to ${target.origin}: not https`));
-  const body = new URLSearchParams(form).toString();
-  return new Promise((resolve, reject) => {
-    const request = https.request(
-      target,
-      {
-        method: 'POST',
-        headers: { 'content-type': 'application/x-www-form-urlencoded', 'content-length': Buffer.byteLength(body), accept: 'application/json' },
-        timeout: options.timeoutMs,
-        minVersion: 'TLSv1.2',
-        ...(options.ca ? { ca: options.ca } : {}),
-      },
-      (response) => {
-        const chunks: Buffer[] = [];
-        let size = 0;
-        response.on('data', (chunk: Buffer) => {
-          size += chunk.length;
-          // A token answer is a few KiB; anything far larger is not one.
-          if (size > 1 << 20) request.destroy(new Error('answer too large'));
-          else chunks.push(chunk);
-        });
-        response.on('end', () => resolve({ status: response.statusCode ?? 0, body: Buffer.concat(chunks).toString('utf8') }));
-        response.on('error', reject);
-      },
-    );
-    request.on('timeout', () => request.destroy(new Error(`no answer within ${options.timeoutMs} ms`)));
-    request.on('error', reject);
-    request.end(body);
-  });
 }

@@ -17,7 +17,7 @@ interface Hold {
   until: number;
   /** When it began: a delivery that started before cannot end it. */
   since: number;
-  outcome: DeliveryOutcome & { retryAt?: number };
+  outcome: DeliveryOutcome & { retryAt?: number; configurationProblem?: string };
   refusals: number;
 }
 
@@ -28,6 +28,8 @@ export class UpstreamHolds {
   readonly #holds = new Map<string, Hold>();
   /** Problems logged and not yet cleared by a success, by scope: "problem reply". */
   readonly #logged = new Map<string, string>();
+  /** The last configuration problem seen per scope, and when: see problemSince(). */
+  readonly #lastProblem = new Map<string, { problem: string; at: number }>();
 
   readonly #events: SecurityEventSink | undefined;
 
@@ -39,7 +41,7 @@ export class UpstreamHolds {
   }
 
   /** The outcome to give without trying, while `scope` (or the whole upstream) is held. */
-  held(scope: string): (DeliveryOutcome & { retryAt?: number }) | undefined {
+  held(scope: string): (DeliveryOutcome & { retryAt?: number; configurationProblem?: string }) | undefined {
     const now = this.#now();
     for (const key of scope === '' ? [''] : ['', scope.toLowerCase()]) {
       const hold = this.#holds.get(key);
@@ -72,7 +74,7 @@ export class UpstreamHolds {
     const refusals = (previous?.refusals ?? 0) + 1;
     const holdMs = Math.min(HOLD_FIRST_MS * 2 ** (refusals - 1), HOLD_MAX_MS);
     // Held mail is deferred whatever the refusal's code: a configuration problem never bounces.
-    this.#holds.set(key, { until: now + holdMs, since: now, outcome: { ...failure, status: 'deferred' }, refusals });
+    this.#holds.set(key, { until: now + holdMs, since: now, outcome: { ...failure, status: 'deferred', configurationProblem: problem }, refusals });
     // Every hold is logged: there is at most one per hold period, and each is worth knowing about.
     this.#logged.delete(key);
     this.problem(scope, problem, failure, advice, { ...fields, holdMs, heldUntil: new Date(now + holdMs).toISOString() });
@@ -81,6 +83,7 @@ export class UpstreamHolds {
   /** Logs a configuration problem, once per scope until it changes or a delivery succeeds. */
   problem(scope: string, problem: string, failure: DeliveryOutcome, advice: string, fields: Record<string, unknown> = {}): void {
     const key = scope.toLowerCase();
+    this.#lastProblem.set(key, { problem, at: this.#now() });
     const signature = `${problem} ${failure.response}`;
     if (this.#logged.get(key) === signature) return;
     this.#logged.set(key, signature);
@@ -106,6 +109,18 @@ export class UpstreamHolds {
   }
 
   /**
+   * The configuration problem found for `scope` (or the whole upstream) since `startedAt`: what
+   * made a delivery that started then fail, for the results to say so (and a fallback to act).
+   */
+  problemSince(scope: string, startedAt: number): string | undefined {
+    for (const key of ['', scope.toLowerCase()]) {
+      const last = this.#lastProblem.get(key);
+      if (last && last.at >= startedAt) return last.problem;
+    }
+    return undefined;
+  }
+
+  /**
    * A delivery through `scope` that started at `startedAt` succeeded: holds that began before it
    * (and the whole upstream's) end. One that began while it ran stays: a connection logged in
    * before the credentials broke proves nothing about them.
@@ -119,6 +134,7 @@ export class UpstreamHolds {
     for (const k of keys) {
       this.#holds.delete(k);
       this.#logged.delete(k);
+      this.#lastProblem.delete(k);
     }
     this.#log?.info({ event: 'upstream_recovered', ...(scope ? { mailbox: scope } : {}) }, `upstream ${this.#name} accepts mail again`);
   }

@@ -10,6 +10,8 @@ import { ConfigError } from '../../config/load-config.js';
 import type { UpstreamConfig } from '../../config/config-schema.js';
 import { SecretError, readCertificateFile, readPrivateKeyFile, readSecretEnv, readSecretFile, readServiceAccountFile } from '../../config/secret.js';
 import type { DeliveryTarget } from '../delivery-target.js';
+import { FallbackTarget } from './fallback.js';
+import { GraphUpstreamTarget } from './graph-upstream.js';
 import { OAuthSmtpUpstreamTarget, type OAuthSmtpUpstreamSpec } from './oauth-smtp-upstream.js';
 import { GoogleTokenSource, type MicrosoftCredentials, MicrosoftTokenSource, type TokenEndpointOptions, type TokenSource } from './oauth2-tokens.js';
 import { type ReplyClassifier, classifyGoogleReply, classifyMicrosoftReply } from './provider-replies.js';
@@ -45,7 +47,21 @@ export function createUpstreamTargets(
     }
   }
   if (problems.length > 0) throw new ConfigError(file ?? '(configuration)', problems);
-  return targets;
+  // Each upstream with a fallback hands it what its configuration keeps it from sending; the
+  // fallback's own fallback follows (the configuration refuses cycles).
+  const byName = new Map(upstreams.map((u) => [u.name.toLowerCase(), u]));
+  const wrapped = new Map<string, UpstreamTarget>();
+  const withFallback = (name: string): UpstreamTarget => {
+    const done = wrapped.get(name);
+    if (done) return done;
+    const own = targets.get(name)!;
+    const fallback = byName.get(name)?.fallback?.toLowerCase();
+    const target = fallback && targets.has(fallback) ? new FallbackTarget(own, withFallback(fallback), context.logger) : own;
+    wrapped.set(name, target);
+    return target;
+  };
+  for (const name of targets.keys()) withFallback(name);
+  return wrapped;
 }
 
 function createTarget(upstream: UpstreamConfig, context: UpstreamContext, env: NodeJS.ProcessEnv): UpstreamTarget {
@@ -72,6 +88,21 @@ function createTarget(upstream: UpstreamConfig, context: UpstreamContext, env: N
           certificatePem: readCertificateFile(upstream.certificate_file, 'certificate_file'),
           privateKey: readPrivateKeyFile(upstream.private_key_file, 'private_key_file'),
         };
+      }
+      if (upstream.method === 'graph') {
+        const tokens = new MicrosoftTokenSource({ ...credentials, scope: 'https://graph.microsoft.com/.default' }, tokenOptions(upstream.name, ca, context));
+        return new GraphUpstreamTarget(
+          {
+            name: upstream.name,
+            graphUrl: upstream.graph,
+            ca,
+            tokens,
+            mailbox: upstream.mailbox,
+            limits: windowLimits(upstream.limits),
+            concurrentPerMailbox: upstream.limits.connections,
+          },
+          context,
+        );
       }
       const tokens = new MicrosoftTokenSource(credentials, tokenOptions(upstream.name, ca, context));
       return new OAuthSmtpUpstreamTarget(
@@ -133,6 +164,9 @@ function windowLimits(limits: OAuthUpstreamConfig['limits']): WindowLimit[] {
   const windows: WindowLimit[] = [];
   if (limits.messages_per_minute) windows.push({ label: `${limits.messages_per_minute} messages a minute`, limit: limits.messages_per_minute, windowMs: MINUTE * scale, unit: 'messages' });
   if (limits.messages_per_day) windows.push({ label: `${limits.messages_per_day} messages a day`, limit: limits.messages_per_day, windowMs: DAY * scale, unit: 'messages', budget: true });
+  if (limits.requests_per_10_minutes) {
+    windows.push({ label: `${limits.requests_per_10_minutes} requests in 10 minutes`, limit: limits.requests_per_10_minutes, windowMs: 10 * MINUTE * scale, unit: 'messages' });
+  }
   if (limits.recipients_per_day) windows.push({ label: `${limits.recipients_per_day} recipients a day`, limit: limits.recipients_per_day, windowMs: DAY * scale, unit: 'recipients', budget: true });
   return windows;
 }

@@ -1,0 +1,437 @@
+// Microsoft 365 over Microsoft Graph (`type = "microsoft365"`, `method = "graph"`): the message is
+// handed to Exchange Online through the REST API instead of SMTP, for tenants where SMTP AUTH is
+// switched off entirely. The app needs the Mail.Send application permission (admin consent);
+// an application access policy can narrow it to some mailboxes.
+//
+// Per message, as the mailbox (configured, or the envelope sender's):
+//   - up to 3 MB: POST /users/{mailbox}/sendMail with the MIME message, base64, as text/plain
+//     (Graph's 4 MB request limit, and base64 adds a third). One request.
+//   - larger (up to the tenant's limit, 150 MB at most): a draft made of the message without its
+//     attachments (POST /users/{mailbox}/messages, MIME), each attachment added to it (under 3 MB
+//     in one request with its bytes; from 3 MB through an upload session, in chunks), then
+//     POST .../send. The draft is deleted when a step fails, so a retry does not leave copies.
+//
+// Graph sends to the addresses in the message's To, Cc and Bcc header fields: it has no envelope.
+// So the envelope's recipients that the headers do not name (Bcc'd by the client) are added as a
+// Bcc field, and a message whose headers name someone who is not among this delivery's recipients
+// (a recipient already delivered, or routed elsewhere) is not sent through Graph: it would reach
+// them again. It is deferred with that reason, for a fallback or an SMTP upstream to take.
+//
+// Limits (send-limits.ts): 10,000 requests per 10 minutes per mailbox, and 4 requests at once per
+// mailbox (a semaphore here). Answers: 202 delivered; 429 and 503 wait for Retry-After; 401 gets
+// one fresh token, then is the configuration; 403 (no Mail.Send, no consent, an access policy) and
+// 404 (no such mailbox, or no Exchange Online licence) are the configuration; 413 is too big for
+// the tenant and bounces.
+import { Agent } from 'node:https';
+import type { Readable } from 'node:stream';
+import { type AddressObject, type Attachment, simpleParser } from 'mailparser';
+import MailComposer from 'nodemailer/lib/mail-composer';
+import addressparser from 'nodemailer/lib/addressparser';
+import type { Logger } from '../../observe/logger.js';
+import { deliveryError } from '../delivery-error.js';
+import type { DeliveryJob, DeliveryOutcome, DeliveryTarget, RecipientResult } from '../delivery-target.js';
+import { TokenFailure } from '../smtp-session.js';
+import { type HttpsAnswer, httpsRequest, jsonBody } from './https-client.js';
+import type { TokenSource } from './oauth2-tokens.js';
+import { SendLimits, type WindowLimit } from './send-limits.js';
+import type { UpstreamContext } from './smtp-upstream.js';
+import { UpstreamHolds } from './upstream-holds.js';
+
+export interface GraphUpstreamSpec {
+  name: string;
+  /** "https://graph.microsoft.com" (or a national cloud's, or a stand-in). */
+  graphUrl: string;
+  ca: string | undefined;
+  tokens: TokenSource;
+  mailbox: string | undefined;
+  /** Requests per window per mailbox. */
+  limits: readonly WindowLimit[];
+  /** Requests at once per mailbox (Graph: 4). */
+  concurrentPerMailbox: number;
+}
+
+/** MIME up to this size goes in one sendMail request (base64 makes it 4 MB). */
+const SEND_MAIL_MAX_BYTES = 3 * 1024 * 1024 - 64 * 1024;
+/** Attachments from this size go through an upload session (Graph: 3 MB). */
+const UPLOAD_SESSION_FROM_BYTES = 3 * 1024 * 1024;
+/** Upload chunk: a multiple of 320 KiB, under Graph's 4 MB per request. */
+const UPLOAD_CHUNK_BYTES = 10 * 320 * 1024;
+
+type GraphVerdict =
+  | { status: 'delivered' }
+  | { status: 'deferred'; retryAt?: number; hold?: 'mailbox' | 'upstream'; problem?: string; advice?: string; renewToken?: boolean }
+  | { status: 'failed' };
+
+export class GraphUpstreamTarget implements DeliveryTarget {
+  readonly key: string;
+  readonly name: string;
+  readonly description: string;
+  readonly #spec: GraphUpstreamSpec;
+  readonly #timeoutMs: number;
+  readonly #log: Logger | undefined;
+  readonly #now: () => number;
+  readonly #holds: UpstreamHolds;
+  readonly #limits: SendLimits;
+  readonly #agent: Agent;
+  /** Requests in progress and waiting, per mailbox (lower case). */
+  readonly #slots = new Map<string, { active: number; waiting: (() => void)[] }>();
+
+  constructor(spec: GraphUpstreamSpec, context: UpstreamContext) {
+    this.#spec = spec;
+    this.name = spec.name;
+    this.key = `upstream:${spec.name.toLowerCase()}`;
+    this.description = `upstream ${spec.name} (Microsoft Graph ${new URL(spec.graphUrl).host})`;
+    this.#timeoutMs = context.connectTimeout + context.commandTimeout * 4;
+    this.#log = context.logger?.child({ component: 'upstream', upstream: spec.name });
+    this.#now = context.now ?? Date.now;
+    this.#holds = new UpstreamHolds(spec.name, this.#log, this.#now, context.events);
+    this.#limits = new SendLimits(spec.limits);
+    this.#agent = new Agent({ keepAlive: true, maxSockets: 16 });
+  }
+
+  async deliver(job: DeliveryJob): Promise<RecipientResult[]> {
+    const all = (outcome: DeliveryOutcome & Pick<RecipientResult, 'waitUntil' | 'retryAt'>) => job.recipients.map((r) => ({ ...outcome, index: r.index }));
+    const mailbox = this.#spec.mailbox ?? job.sender;
+    if (!mailbox) {
+      const failure = deliveryError('NO_MAILBOX', { destination: `upstream ${this.name}` }).toOutcome();
+      this.#holds.problem('', 'no_mailbox', failure, 'mail from the null sender (bounces Postern sends) has no mailbox to send as: set mailbox on this upstream');
+      return all({ ...failure, configurationProblem: 'no_mailbox' });
+    }
+    const held = this.#holds.held(mailbox);
+    if (held) return all(held);
+
+    let mime: Buffer;
+    try {
+      mime = await readAll(job.body());
+    } catch (err) {
+      return all(deliveryError('BODY_UNREADABLE', { reason: (err as Error).message }).toOutcome());
+    }
+    const prepared = withEnvelopeRecipients(mime, job.recipients.map((r) => r.address));
+    if ('stranger' in prepared) {
+      const failure = deliveryError('GRAPH_RECIPIENTS', { destination: `upstream ${this.name}`, address: prepared.stranger }).toOutcome();
+      this.#holds.problem(mailbox, 'graph_recipients', failure, `a message names ${prepared.stranger} in its header but not as a recipient of this delivery; Graph would send it there too: route such mail over SMTP (method = "smtp") or give this upstream a fallback`);
+      return all({ ...failure, configurationProblem: 'graph_recipients' });
+    }
+
+    const small = prepared.mime.length <= SEND_MAIL_MAX_BYTES;
+    const requests = small ? 1 : 3 + Math.ceil(prepared.mime.length / UPLOAD_CHUNK_BYTES);
+    const recipients = new Set(job.recipients.map((r) => r.address.toLowerCase())).size;
+    const admission = this.#limits.admit(mailbox, job.queueId, recipients, this.#now(), requests);
+    if (!admission.go) {
+      return all({
+        ...deliveryError('THROTTLED', { destination: `upstream ${this.name}`, limit: `${mailbox} may make ${admission.limit.label}`, until: new Date(admission.at).toISOString() }).toOutcome(),
+        waitUntil: admission.at,
+      });
+    }
+    const startedAt = this.#now();
+    let verdict: GraphVerdict & { response: string; enhanced: string };
+    try {
+      verdict = await this.#send(mailbox, prepared.mime, small, job.signal);
+    } finally {
+      this.#limits.settle(mailbox, job.queueId, this.#now());
+    }
+    const where = { remoteMta: new URL(this.#spec.graphUrl).host };
+    if (verdict.status === 'delivered') {
+      this.#holds.recovered(mailbox, startedAt);
+      return all({ status: 'delivered', code: null, enhanced: '2.0.0', response: verdict.response, ...where });
+    }
+    const outcome: DeliveryOutcome & { configurationProblem?: string } = {
+      status: verdict.status,
+      code: null,
+      enhanced: verdict.enhanced,
+      response: verdict.response,
+      ...where,
+      ...(verdict.status === 'deferred' && verdict.problem && !verdict.retryAt ? { configurationProblem: verdict.problem } : {}),
+    };
+    if (verdict.status === 'deferred') {
+      if (verdict.hold && verdict.problem && verdict.advice) this.#holds.hold(verdict.hold === 'mailbox' ? mailbox : '', verdict.problem, outcome, verdict.advice);
+      else if (verdict.problem && verdict.advice) this.#holds.problem(mailbox, verdict.problem, outcome, verdict.advice);
+      if (verdict.retryAt) {
+        this.#holds.pause(mailbox, verdict.retryAt, outcome);
+        return all({ ...outcome, retryAt: verdict.retryAt });
+      }
+    }
+    return all(outcome);
+  }
+
+  /** One attempt, with one fresh token if Graph refused the first. */
+  async #send(mailbox: string, mime: Buffer, small: boolean, signal: AbortSignal | undefined): Promise<GraphVerdict & { response: string; enhanced: string }> {
+    for (let renew = false; ; renew = true) {
+      let token: string;
+      try {
+        token = await this.#spec.tokens.token(mailbox, renew);
+      } catch (err) {
+        if (!(err instanceof TokenFailure)) throw err;
+        const hold = err.problem === 'token_refused' ? ('upstream' as const) : undefined;
+        return {
+          status: 'deferred',
+          response: err.outcome.response,
+          enhanced: err.outcome.enhanced,
+          ...(hold ? { hold, problem: 'token_refused', advice: `fix the app's credentials (${err.outcome.response.replace(/^\d\.\d+\.\d+ /, '')}), then restart Postern` } : {}),
+        };
+      }
+      const release = await this.#slot(mailbox, signal);
+      let answer: HttpsAnswer | { error: Error };
+      try {
+        answer = small ? await this.#sendMail(mailbox, mime, token) : await this.#sendLarge(mailbox, mime, token);
+      } catch (err) {
+        answer = { error: err as Error };
+      } finally {
+        release();
+      }
+      if ('error' in answer) {
+        const e = deliveryError('GRAPH_UNAVAILABLE', { reason: answer.error.message });
+        return { status: 'deferred', response: e.response, enhanced: e.enhanced };
+      }
+      const verdict = this.#verdict(answer, mailbox);
+      if (verdict.status === 'deferred' && verdict.renewToken && !renew) continue;
+      return verdict;
+    }
+  }
+
+  #sendMail(mailbox: string, mime: Buffer, token: string): Promise<HttpsAnswer> {
+    return this.#call('POST', `/v1.0/users/${encodeURIComponent(mailbox)}/sendMail`, token, { 'content-type': 'text/plain' }, mime.toString('base64'));
+  }
+
+  /** Draft, attachments, send; the draft is deleted if a step fails. */
+  async #sendLarge(mailbox: string, mime: Buffer, token: string): Promise<HttpsAnswer> {
+    const user = `/v1.0/users/${encodeURIComponent(mailbox)}`;
+    const parsed = await simpleParser(mime, { skipHtmlToText: true, skipTextToHtml: true, skipTextLinks: true, skipImageLinks: true });
+    const draftMime = await composeWithoutAttachments(parsed);
+    const created = await this.#call('POST', `${user}/messages`, token, { 'content-type': 'text/plain' }, draftMime.toString('base64'));
+    if (created.status !== 201) return created;
+    const id = String(jsonBody(created)?.id ?? '');
+    if (!id) throw new Error('Graph created a draft without an id');
+    const draft = `${user}/messages/${encodeURIComponent(id)}`;
+    let sent = false;
+    try {
+      for (const attachment of parsed.attachments) {
+        const answer = attachment.size >= UPLOAD_SESSION_FROM_BYTES ? await this.#upload(draft, attachment, token) : await this.#attach(draft, attachment, token);
+        if (answer.status !== 201 && answer.status !== 200) return answer;
+      }
+      const answer = await this.#call('POST', `${draft}/send`, token, {}, undefined);
+      sent = answer.status === 202;
+      return answer;
+    } finally {
+      if (!sent) await this.#call('DELETE', draft, token, {}, undefined).catch(() => undefined);
+    }
+  }
+
+  #attach(draft: string, a: Attachment, token: string): Promise<HttpsAnswer> {
+    const body = JSON.stringify({
+      '@odata.type': '#microsoft.graph.fileAttachment',
+      name: a.filename ?? 'attachment',
+      contentType: a.contentType,
+      contentBytes: a.content.toString('base64'),
+      ...(a.cid ? { contentId: a.cid } : {}),
+      isInline: a.contentDisposition === 'inline',
+    });
+    return this.#call('POST', `${draft}/attachments`, token, { 'content-type': 'application/json' }, body);
+  }
+
+  /** An upload session, then the bytes in chunks; the session's URL takes no token. */
+  async #upload(draft: string, a: Attachment, token: string): Promise<HttpsAnswer> {
+    const session = await this.#call(
+      'POST',
+      `${draft}/attachments/createUploadSession`,
+      token,
+      { 'content-type': 'application/json' },
+      JSON.stringify({
+        AttachmentItem: {
+          attachmentType: 'file',
+          name: a.filename ?? 'attachment',
+          size: a.content.length,
+          contentType: a.contentType,
+          ...(a.cid ? { contentId: a.cid } : {}),
+          isInline: a.contentDisposition === 'inline',
+        },
+      }),
+    );
+    if (session.status !== 201) return session;
+    const uploadUrl = String(jsonBody(session)?.uploadUrl ?? '');
+    if (!uploadUrl) throw new Error('Graph opened an upload session without an uploadUrl');
+    let last = session;
+    for (let start = 0; start < a.content.length; start += UPLOAD_CHUNK_BYTES) {
+      const chunk = a.content.subarray(start, Math.min(start + UPLOAD_CHUNK_BYTES, a.content.length));
+      last = await httpsRequest(
+        uploadUrl,
+        {
+          method: 'PUT',
+          headers: { 'content-type': 'application/octet-stream', 'content-range': `bytes ${start}-${start + chunk.length - 1}/${a.content.length}` },
+          body: chunk,
+        },
+        this.#httpsOptions(),
+      );
+      if (last.status !== 200 && last.status !== 201) return last;
+    }
+    return last;
+  }
+
+  #call(method: string, path: string, token: string, headers: Record<string, string>, body: string | undefined): Promise<HttpsAnswer> {
+    return httpsRequest(
+      `${this.#spec.graphUrl.replace(/\/+$/, '')}${path}`,
+      { method, headers: { authorization: `Bearer ${token}`, accept: 'application/json', ...headers }, ...(body !== undefined ? { body } : {}) },
+      this.#httpsOptions(),
+    );
+  }
+
+  #httpsOptions() {
+    return { timeoutMs: this.#timeoutMs, agent: this.#agent, ...(this.#spec.ca ? { ca: this.#spec.ca } : {}) };
+  }
+
+  /** What Graph's answer means for the queue. */
+  #verdict(answer: HttpsAnswer, mailbox: string): GraphVerdict & { response: string; enhanced: string } {
+    if (answer.status === 202 || answer.status === 200 || answer.status === 201) {
+      return { status: 'delivered', enhanced: '2.0.0', response: `2.0.0 Accepted by Microsoft Graph (HTTP ${answer.status})` };
+    }
+    const error = (jsonBody(answer)?.error ?? {}) as { code?: string; message?: string };
+    const code = error.code ?? 'unknown';
+    const message = (error.message ?? answer.body.toString('utf8').slice(0, 200)).replace(/\s+/g, ' ').trim();
+    const said = (enhanced: string) => `${enhanced} Microsoft Graph answered ${answer.status} ${code}: ${message}`;
+    const retryAfter = retryAfterMs(answer.headers['retry-after']);
+    switch (true) {
+      case answer.status === 429 || answer.status === 503 || answer.status === 504 || answer.status >= 500: {
+        const waitMs = retryAfter ?? (answer.status === 429 ? 60_000 : undefined);
+        return { status: 'deferred', enhanced: '4.7.0', response: said(answer.status === 429 ? '4.7.0' : '4.4.2'), ...(waitMs ? { retryAt: this.#now() + waitMs } : {}) };
+      }
+      case answer.status === 401:
+        return {
+          status: 'deferred',
+          enhanced: '4.7.0',
+          response: said('4.7.0'),
+          renewToken: true,
+          hold: 'upstream',
+          problem: 'graph_token_refused',
+          advice: `Graph refused the app's token (${code}): check the app registration is in tenant and has the Graph permission Mail.Send (Application) with admin consent`,
+        };
+      case answer.status === 403:
+        return {
+          status: 'deferred',
+          enhanced: '4.7.0',
+          response: said('4.7.0'),
+          hold: /policy|access to odata/i.test(message) ? 'mailbox' : 'upstream',
+          problem: 'graph_access_denied',
+          advice: /policy/i.test(message)
+            ? `an application access policy keeps the app from ${mailbox}: add the mailbox to the policy's group (Test-ApplicationAccessPolicy -Identity ${mailbox} -AppId <client_id> shows it)`
+            : `Graph denied access (${code}): grant the app the Graph application permission Mail.Send and admin consent, and check ${mailbox} is allowed by any application access policy`,
+        };
+      case answer.status === 404:
+        return {
+          status: 'deferred',
+          enhanced: '4.7.0',
+          response: said('4.7.0'),
+          hold: 'mailbox',
+          problem: 'graph_mailbox_not_found',
+          advice: `Graph does not know the mailbox ${mailbox} (${code}): check the address is a user with an Exchange Online licence in this tenant, or set mailbox`,
+        };
+      case answer.status === 413 || /MessageSizeExceeded|RequestEntityTooLarge/i.test(code):
+        return { status: 'failed', enhanced: '5.3.4', response: said('5.3.4') };
+      default:
+        return {
+          status: 'deferred',
+          enhanced: '4.0.0',
+          response: said('4.0.0'),
+          problem: 'graph_refused',
+          advice: `Graph refused the request (${answer.status} ${code}); the message is kept and retried`,
+        };
+    }
+  }
+
+  /** Waits for one of the mailbox's request slots; returns its release. */
+  async #slot(mailbox: string, signal: AbortSignal | undefined): Promise<() => void> {
+    const key = mailbox.toLowerCase();
+    let slots = this.#slots.get(key);
+    if (!slots) {
+      slots = { active: 0, waiting: [] };
+      this.#slots.set(key, slots);
+    }
+    const s = slots;
+    if (s.active >= this.#spec.concurrentPerMailbox) {
+      await new Promise<void>((resolve) => s.waiting.push(resolve));
+      if (signal?.aborted) throw new Error('interrupted');
+    }
+    s.active++;
+    return () => {
+      s.active--;
+      const next = s.waiting.shift();
+      if (next) next();
+      else if (s.active === 0) this.#slots.delete(key);
+    };
+  }
+}
+
+/** Retry-After in seconds or as an HTTP date, in ms from now. */
+function retryAfterMs(value: string | string[] | undefined): number | undefined {
+  const v = Array.isArray(value) ? value[0] : value;
+  if (!v) return undefined;
+  const seconds = Number(v);
+  if (Number.isFinite(seconds)) return Math.max(0, seconds * 1000);
+  const date = Date.parse(v);
+  return Number.isFinite(date) ? Math.max(0, date - Date.now()) : undefined;
+}
+
+async function readAll(stream: Readable): Promise<Buffer> {
+  const chunks: Buffer[] = [];
+  for await (const chunk of stream) chunks.push(chunk as Buffer);
+  return Buffer.concat(chunks);
+}
+
+/**
+ * The MIME to give Graph for these recipients: envelope recipients the header fields do not name
+ * are added in a Bcc field (Exchange removes it from what recipients see); a header recipient
+ * that is not among them makes the message unsendable this way.
+ */
+export function withEnvelopeRecipients(mime: Buffer, recipients: string[]): { mime: Buffer } | { stranger: string } {
+  const end = headerEnd(mime);
+  const header = mime.subarray(0, end).toString('latin1');
+  const named = new Set<string>();
+  for (const m of header.matchAll(/^(to|cc|bcc):((?:.*)(?:\r?\n[ \t].*)*)/gim)) {
+    for (const a of flatten(addressparser(m[2]!.replace(/\r?\n[ \t]/g, ' ')))) named.add(a.toLowerCase());
+  }
+  const wanted = new Set(recipients.map((r) => r.toLowerCase()));
+  for (const address of named) if (!wanted.has(address)) return { stranger: address };
+  const extra = recipients.filter((r) => !named.has(r.toLowerCase()));
+  if (extra.length === 0) return { mime };
+  const bcc = Buffer.from(`Bcc: ${extra.join(', ')}\r\n`, 'latin1');
+  return { mime: Buffer.concat([bcc, mime]) };
+}
+
+function flatten(list: ReturnType<typeof addressparser>): string[] {
+  return list.flatMap((a) => ('group' in a && a.group ? flatten(a.group) : 'address' in a && a.address ? [a.address] : []));
+}
+
+/** Offset of the blank line that ends the header section (the whole buffer if none). */
+function headerEnd(mime: Buffer): number {
+  const crlf = mime.indexOf('\r\n\r\n');
+  const lf = mime.indexOf('\n\n');
+  if (crlf < 0 && lf < 0) return mime.length;
+  if (crlf < 0) return lf + 1;
+  if (lf < 0) return crlf + 2;
+  return Math.min(crlf + 2, lf + 1);
+}
+
+const text = (a: AddressObject | AddressObject[] | undefined) => (a ? (Array.isArray(a) ? a.map((x) => x.text).join(', ') : a.text) : undefined);
+
+/** The message with its header fields and text, without attachments (they go separately). */
+function composeWithoutAttachments(parsed: Awaited<ReturnType<typeof simpleParser>>): Promise<Buffer> {
+  const composer = new MailComposer({
+    ...(text(parsed.from) ? { from: text(parsed.from) } : {}),
+    ...(text(parsed.to) ? { to: text(parsed.to) } : {}),
+    ...(text(parsed.cc) ? { cc: text(parsed.cc) } : {}),
+    ...(text(parsed.bcc) ? { bcc: text(parsed.bcc) } : {}),
+    ...(text(parsed.replyTo) ? { replyTo: text(parsed.replyTo) } : {}),
+    ...(parsed.subject !== undefined ? { subject: parsed.subject } : {}),
+    ...(parsed.date ? { date: parsed.date } : {}),
+    ...(parsed.messageId ? { messageId: parsed.messageId } : {}),
+    ...(parsed.inReplyTo ? { inReplyTo: parsed.inReplyTo } : {}),
+    ...(parsed.references ? { references: parsed.references } : {}),
+    ...(parsed.text ? { text: parsed.text } : {}),
+    ...(parsed.html ? { html: parsed.html } : {}),
+  });
+  return new Promise((resolve, reject) => {
+    // keepBcc: Graph takes the recipients from the fields, Bcc included.
+    const built = composer.compile();
+    (built as unknown as { keepBcc: boolean }).keepBcc = true;
+    built.build((err, message) => (err ? reject(err) : resolve(message)));
+  });
+}
