@@ -8,7 +8,9 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { ConfigError, parseConfigText } from '../src/config/load-config.js';
+import MailComposer from 'nodemailer/lib/mail-composer';
 import { GmailSmtpStandIn } from '../src/standins/gmail-smtp.js';
+import { GraphStandIn, type GraphStandInOptions } from '../src/standins/graph-api.js';
 import { IdentityStandIn } from '../src/standins/identity-platform.js';
 import { Office365SmtpStandIn, type Office365SmtpStandInOptions } from '../src/standins/office365-smtp.js';
 import { type StandInTls, makeAppCertificate, makeStandInTls } from '../src/standins/standin-certificates.js';
@@ -314,6 +316,162 @@ describe('Microsoft 365 over SMTP (XOAUTH2)', () => {
     const h = await harness(m365(exchange));
     const id = await h.enqueue({ sender: PRINTER, recipients: ['nobody@contoso.com'] });
     expect(recipient(await settled(h, id), 'nobody@contoso.com')).toMatchObject({ state: 'failed', lastCode: 550 });
+  });
+});
+
+describe('Microsoft 365 over Graph', () => {
+  async function startGraph(options: Partial<GraphStandInOptions> = {}): Promise<GraphStandIn> {
+    const graph = new GraphStandIn({ certificate: tls, identity, mailboxes: [PRINTER, SCANNER], ...options });
+    await graph.start();
+    afterRunner(() => graph.close());
+    return graph;
+  }
+
+  function graphUpstream(graph: GraphStandIn, extra: Record<string, unknown> = {}) {
+    return {
+      name: 'm365',
+      type: 'microsoft365' as const,
+      method: 'graph' as const,
+      tenant: TENANT,
+      client_id: CLIENT_ID,
+      client_secret_file: path.join(files, 'm365.secret'),
+      authority: identity.url,
+      graph: graph.url,
+      ca_file: path.join(files, 'ca.pem'),
+      ...extra,
+    };
+  }
+
+  test('a small message goes in one sendMail request, as queued, with a Graph-scoped token', async () => {
+    const graph = await startGraph();
+    const h = await harness(graphUpstream(graph));
+    const body = `From: <${PRINTER}>\r\nTo: <boss@fabrikam.test>\r\nSubject: scan\r\n\r\nscan attached\r\n`;
+    const id = await h.enqueue({ sender: PRINTER, recipients: ['boss@fabrikam.test'], body });
+    const r = recipient(await settled(h, id), 'boss@fabrikam.test');
+    expect(r).toMatchObject({ state: 'delivered', lastResponse: '2.0.0 Accepted by Microsoft Graph (HTTP 202)' });
+    expect(graph.sent).toHaveLength(1);
+    expect(graph.sent[0]).toMatchObject({ mailbox: PRINTER, via: 'sendMail', to: ['boss@fabrikam.test'] });
+    expect(graph.sent[0]!.mime.toString('utf8')).toBe(body);
+    expect(identity.requests.at(-1)).toMatchObject({ scope: 'https://graph.microsoft.com/.default', status: 200 });
+    await expectNoSecrets(h, [id], [SECRET]);
+  });
+
+  test('envelope recipients the header does not name go in a Bcc field; a header recipient that is not one of them stops Graph', async () => {
+    const graph = await startGraph();
+    const h = await harness(graphUpstream(graph));
+    const a = await h.enqueue({ sender: PRINTER, recipients: ['to@fabrikam.test', 'hidden@fabrikam.test'], body: `From: <${PRINTER}>\r\nTo: <to@fabrikam.test>\r\nSubject: x\r\n\r\nx\r\n` });
+    expect((await settled(h, a)).recipients.map((r) => r.state)).toEqual(['delivered', 'delivered']);
+    expect(graph.sent[0]).toMatchObject({ to: ['to@fabrikam.test'], bcc: ['hidden@fabrikam.test'] });
+    const b = await h.enqueue({ sender: PRINTER, recipients: ['to@fabrikam.test'], body: `From: <${PRINTER}>\r\nTo: <to@fabrikam.test>, <other@elsewhere.test>\r\nSubject: y\r\n\r\ny\r\n` });
+    const rb = recipient(await settled(h, b), 'to@fabrikam.test');
+    expect(rb.state).toBe('deferred');
+    expect(rb.lastResponse).toBe(
+      '4.7.0 Not sent through upstream m365: the message names other@elsewhere.test in its To/Cc/Bcc but not as a recipient here, and Microsoft Graph sends to every address in those fields',
+    );
+    expect(graph.sent).toHaveLength(1);
+  });
+
+  test('a 30 MB message: a draft, its attachment through an upload session in chunks, then send; every byte arrives', async () => {
+    const graph = await startGraph();
+    const h = await harness(graphUpstream(graph));
+    const attachment = Buffer.alloc(30 * 1024 * 1024);
+    for (let i = 0; i < attachment.length; i += 4096) attachment.writeUInt32BE((i * 2654435761) >>> 0, i);
+    const mime = await new Promise<Buffer>((resolve, reject) =>
+      new MailComposer({
+        from: PRINTER,
+        to: 'boss@fabrikam.test',
+        subject: 'big scan',
+        text: 'The scan is attached.',
+        attachments: [{ filename: 'scan.pdf', contentType: 'application/pdf', content: attachment }],
+      })
+        .compile()
+        .build((err, message) => (err ? reject(err) : resolve(message))),
+    );
+    const id = await h.enqueue({ sender: PRINTER, recipients: ['boss@fabrikam.test'], body: mime.toString('latin1') });
+    expect(recipient(await settled(h, id, 30_000), 'boss@fabrikam.test').state).toBe('delivered');
+    expect(graph.sent).toHaveLength(1);
+    const sent = graph.sent[0]!;
+    expect(sent).toMatchObject({ via: 'draft', mailbox: PRINTER, to: ['boss@fabrikam.test'] });
+    expect(sent.attachments.map((a) => [a.name, a.contentType, a.via, a.bytes.length])).toEqual([['scan.pdf', 'application/pdf', 'uploadSession', attachment.length]]);
+    expect(sent.attachments[0]!.bytes.equals(attachment)).toBe(true);
+    expect(sent.mime.toString('utf8')).toContain('The scan is attached.');
+    expect(graph.requests.filter((r) => r.operation === 'upload').length).toBe(Math.ceil(attachment.length / (10 * 320 * 1024)));
+  });
+
+  test('429 with Retry-After: deferred until then, and the mailbox waits with it', async () => {
+    const graph = await startGraph();
+    graph.script({ status: 429, code: 'ApplicationThrottled', message: 'Application is over its MailboxConcurrency limit.', retryAfterSeconds: 120 });
+    const h = await harness(graphUpstream(graph));
+    const started = Date.now();
+    const id = await h.enqueue({ sender: PRINTER, recipients: ['x@fabrikam.test'] });
+    const r = recipient(await settled(h, id), 'x@fabrikam.test');
+    expect(r).toMatchObject({ state: 'deferred', attempts: 1 });
+    expect(r.lastResponse).toMatch(/^4\.7\.0 Microsoft Graph answered 429 ApplicationThrottled: /);
+    expect(r.nextAttemptAt).toBeGreaterThanOrEqual(started + 120_000);
+    const next = await h.enqueue({ sender: PRINTER, recipients: ['y@fabrikam.test'] });
+    expect(recipient(await settled(h, next), 'y@fabrikam.test')).toMatchObject({ state: 'deferred', nextAttemptAt: r.nextAttemptAt });
+    expect(graph.sent).toHaveLength(0);
+  });
+
+  test('403 without Mail.Send: deferred, the upstream held, the permission named', async () => {
+    const graph = await startGraph({ appPermissions: { [CLIENT_ID]: [] } });
+    const h = await harness(graphUpstream(graph));
+    const id = await h.enqueue({ sender: PRINTER, recipients: ['x@fabrikam.test'] });
+    const r = recipient(await settled(h, id), 'x@fabrikam.test');
+    expect(r.state).toBe('deferred');
+    expect(r.lastResponse).toMatch(/^4\.7\.0 Microsoft Graph answered 403 ErrorAccessDenied: /);
+    const line = h.logs.find((l) => l.event === 'upstream_graph_access_denied')!;
+    expect(line).toMatchObject({ holdMs: 60_000 });
+    expect(line.msg).toContain('Mail.Send');
+    const requests = graph.requests.length;
+    const other = await h.enqueue({ sender: SCANNER, recipients: ['y@fabrikam.test'] });
+    expect(recipient(await settled(h, other), 'y@fabrikam.test').state).toBe('deferred');
+    expect(graph.requests.length).toBe(requests);
+  });
+
+  test('404 for a mailbox Graph does not know: that mailbox held, the others go', async () => {
+    const graph = await startGraph();
+    const h = await harness(graphUpstream(graph));
+    const id = await h.enqueue({ sender: 'ghost@contoso.com', recipients: ['x@fabrikam.test'], body: 'From: <ghost@contoso.com>\r\nTo: <x@fabrikam.test>\r\n\r\nx\r\n' });
+    expect(recipient(await settled(h, id), 'x@fabrikam.test').state).toBe('deferred');
+    expect(h.logs.find((l) => l.event === 'upstream_graph_mailbox_not_found')).toMatchObject({ mailbox: 'ghost@contoso.com' });
+    const other = await h.enqueue({ sender: PRINTER, recipients: ['y@fabrikam.test'] });
+    expect(recipient(await settled(h, other), 'y@fabrikam.test').state).toBe('delivered');
+  });
+
+  test('a token Graph refuses (401) is renewed once and the message goes', async () => {
+    const graph = await startGraph();
+    const h = await harness(graphUpstream(graph));
+    await settled(h, await h.enqueue({ sender: PRINTER, recipients: ['a@fabrikam.test'] }));
+    identity.expireAllTokens();
+    const id = await h.enqueue({ sender: PRINTER, recipients: ['b@fabrikam.test'] });
+    expect(recipient(await settled(h, id), 'b@fabrikam.test').state).toBe('delivered');
+    expect(graph.requests.filter((r) => r.status === 401)).toHaveLength(1);
+    expect(h.logs.filter((l) => String(l.event).startsWith('upstream_') && l.event !== 'upstream_recovered')).toEqual([]);
+  });
+
+  test('a burst keeps to 4 requests at once per mailbox: none throttled, none lost', async () => {
+    const graph = await startGraph();
+    graph.delayMs = 60;
+    const h = await harness(graphUpstream(graph));
+    const ids = await Promise.all(Array.from({ length: 16 }, (_, i) => h.enqueue({ sender: PRINTER, recipients: [`r${i}@fabrikam.test`] })));
+    for (const id of ids) expect((await settled(h, id, 20_000)).recipients[0]!.state).toBe('delivered');
+    expect(graph.sent).toHaveLength(16);
+    expect(graph.maxConcurrent[PRINTER]).toBeLessThanOrEqual(4);
+    expect(graph.violations).toMatchObject({ concurrency: 0, requests: 0 });
+  });
+
+  test('Graph as the fallback of SMTP: a tenant without SMTP AUTH still sends', async () => {
+    const exchange = await startExchange();
+    exchange.disableTenantSmtpAuth();
+    const graph = await startGraph();
+    const h = await setup({
+      config: { upstream: [m365(exchange, { fallback: 'm365-graph' }), { ...graphUpstream(graph), name: 'm365-graph' }], upstream_route: [{ upstream: 'm365', default: true }] } as never,
+    });
+    const id = await h.enqueue({ sender: PRINTER, recipients: ['x@fabrikam.test'] });
+    expect(recipient(await settled(h, id), 'x@fabrikam.test').state).toBe('delivered');
+    expect(graph.sent).toHaveLength(1);
+    expect(exchange.messages).toHaveLength(0);
   });
 });
 
