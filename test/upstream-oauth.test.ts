@@ -398,6 +398,22 @@ describe('Microsoft 365 over Graph', () => {
     expect(graph.requests.filter((r) => r.operation === 'upload').length).toBe(Math.ceil(attachment.length / (10 * 320 * 1024)));
   });
 
+  test('without Mail.ReadWrite a large message waits (logged with the permission to add), small ones still go', async () => {
+    const graph = await startGraph({ appPermissions: { [CLIENT_ID]: ['Mail.Send'] } });
+    const h = await harness(graphUpstream(graph));
+    const mime = await new Promise<Buffer>((resolve, reject) =>
+      new MailComposer({ from: PRINTER, to: 'boss@fabrikam.test', subject: 'big', text: 'x', attachments: [{ filename: 'a.bin', content: Buffer.alloc(4 * 1024 * 1024, 7) }] })
+        .compile()
+        .build((err, message) => (err ? reject(err) : resolve(message))),
+    );
+    const big = await h.enqueue({ sender: PRINTER, recipients: ['boss@fabrikam.test'], body: mime.toString('latin1') });
+    expect(recipient(await settled(h, big), 'boss@fabrikam.test')).toMatchObject({ state: 'deferred' });
+    expect(h.logs.find((l) => l.event === 'upstream_graph_large_denied')!.msg).toContain('Mail.ReadWrite');
+    expect(graph.drafts).toHaveLength(0);
+    const small = await h.enqueue({ sender: PRINTER, recipients: ['boss@fabrikam.test'] });
+    expect(recipient(await settled(h, small), 'boss@fabrikam.test').state).toBe('delivered');
+  });
+
   test('429 with Retry-After: deferred until then, and the mailbox waits with it', async () => {
     const graph = await startGraph();
     graph.script({ status: 429, code: 'ApplicationThrottled', message: 'Application is over its MailboxConcurrency limit.', retryAfterSeconds: 120 });

@@ -16,7 +16,8 @@
 //     or events" (…/graph/outlook-large-attachments) repeats it. So an app with only Mail.Send can
 //     send with sendMail but cannot build a draft (403).
 //   - POST …/messages/{id}/attachments: a fileAttachment with contentBytes, 201 and the attachment
-//     ("Add attachment"; under 3 MB, outlook-large-attachments).
+//     ("Add attachment", …/api/message-post-attachments, Mail.ReadWrite). Its "under 3 MB" needs
+//     no check of its own: 3 MB is 4 MB in base64, past the request limit below.
 //   - POST …/messages/{id}/attachments/createUploadSession: "attachment: createUploadSession"
 //     (…/api/attachment-createuploadsession): for 3 MB to 150 MB, 201 and an uploadSession
 //     { uploadUrl, expirationDateTime, nextExpectedRanges: ["0-"] }. Smaller files get
@@ -62,11 +63,16 @@
 //     on-premise." (a user without an Exchange Online mailbox: usersWithoutMailbox);
 //   - 400 BadRequest "/me request is only valid with delegated authentication flow." (an app-only
 //     token on /me), "Resource not found for the segment '…'." (an unknown path);
-//   - 413 RequestEntityTooLarge "The maximum request length supported is 4MB.": Graph's 4 MB limit
-//     on a request ("Create message": S/MIME payloads over 4 MB get "HTTP 413 Request Entity Too
-//     Large"; the text is Graph's as clients report it);
-//   - 400 ErrorMessageSizeExceeded: the message would pass maxMessageBytes (Exchange maps that
-//     code to 400).
+//   - 413 "The maximum request length supported is 4MB.": Graph's 4 MB limit on a request
+//     ("Create message": payloads over 4 MB get "HTTP 413 Request Entity Too Large"; the text is
+//     Graph's as clients report it). No client has recorded the code with it, so the code is the
+//     status's name, RequestEntityTooLarge;
+//   - 400 ErrorMessageSizeExceeded: the message would pass maxMessageBytes (Exchange answers that
+//     code with 400; "The message exceeds the maximum supported size." is the stand-in's text).
+// Where nothing is documented or recorded (415, a malformed AttachmentItem or Content-Range, the
+// text of ErrorAttachmentSizeShouldNotBeLessThanMinimumSize), the texts are the stand-in's own and
+// say what is wrong; clients should go by the status and the code, as "Microsoft Graph error
+// responses" asks.
 //
 // Limits ("Microsoft Graph service-specific throttling limits", …/graph/throttling-limits,
 // Outlook service limits), counted per app and mailbox, with Retry-After in seconds ("Microsoft
@@ -79,7 +85,10 @@
 //   - 150 MB uploaded (POST, PUT, PATCH) in 5 minutes: 429 ApplicationThrottled "Application is
 //     over its IncomingBytes limit." (Outlook's text). The request that crosses the budget is
 //     let through; the next ones wait, as Exchange's budgets do.
-// The uploadUrl's PUTs count too: they are Outlook requests on the same mailbox.
+// The uploadUrl's PUTs count too: they are Outlook requests on the same mailbox. A request is in
+// progress from when its body has arrived until its answer is written (delayMs included); a
+// throttled request takes no place and no share of the window. Retry-After for the concurrency
+// limit is 1 second: a place frees as soon as a request ends, and Outlook's value is not documented.
 //
 // Anything else Graph may answer (503, 500, 504, an error on one step…) comes from script().
 import { randomBytes, randomUUID } from 'node:crypto';
@@ -875,13 +884,14 @@ export class GraphStandIn {
       return this.#error(ctx, 429, 'ApplicationThrottled', GRAPH_ERRORS.mailboxConcurrency, { retryAfter: 1 });
     }
     const budget = this.#budget(windowKey);
-    budget.requests = budget.requests.filter((at) => now - at < limits.windowMs);
+    // Oldest first, so trimming the front is enough (the bench makes thousands of requests).
+    while (budget.requests.length > 0 && now - budget.requests[0]! >= limits.windowMs) budget.requests.shift();
     if (budget.requests.length >= limits.requestsPerWindow) {
       this.violations.requests++;
       const wait = Math.max(1, Math.ceil((budget.requests[0]! + limits.windowMs - now) / 1000));
       return this.#error(ctx, 429, 'TooManyRequests', GRAPH_ERRORS.tooManyRequests, { retryAfter: wait, innerCode: '429', innerMessage: 'Please retry after', innerStatus: '429' });
     }
-    budget.uploads = budget.uploads.filter((u) => now - u.at < limits.uploadWindowMs);
+    while (budget.uploads.length > 0 && now - budget.uploads[0]!.at >= limits.uploadWindowMs) budget.uploads.shift();
     const uploaded = budget.uploads.reduce((sum, u) => sum + u.bytes, 0);
     if (uploadBytes > 0 && uploaded >= limits.uploadBytesPerWindow) {
       this.violations.uploadBytes++;

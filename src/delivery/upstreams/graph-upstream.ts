@@ -1,7 +1,8 @@
 // Microsoft 365 over Microsoft Graph (`type = "microsoft365"`, `method = "graph"`): the message is
 // handed to Exchange Online through the REST API instead of SMTP, for tenants where SMTP AUTH is
-// switched off entirely. The app needs the Mail.Send application permission (admin consent);
-// an application access policy can narrow it to some mailboxes.
+// switched off entirely. The app needs the Mail.Send application permission (admin consent), and
+// Mail.ReadWrite for messages over 3 MB (they go through a draft); an application access policy
+// can narrow both to some mailboxes.
 //
 // Per message, as the mailbox (configured, or the envelope sender's):
 //   - up to 3 MB: POST /users/{mailbox}/sendMail with the MIME message, base64, as text/plain
@@ -17,8 +18,9 @@
 // (a recipient already delivered, or routed elsewhere) is not sent through Graph: it would reach
 // them again. It is deferred with that reason, for a fallback or an SMTP upstream to take.
 //
-// Limits (send-limits.ts): 10,000 requests per 10 minutes per mailbox, and 4 requests at once per
-// mailbox (a semaphore here). Answers: 202 delivered; 429 and 503 wait for Retry-After; 401 gets
+// Limits (send-limits.ts): 10,000 requests per 10 minutes per mailbox, and 4 requests at once (a
+// semaphore here, for the whole app: Graph's throttling page counts the 4 per app since 2024, per
+// mailbox before; per app keeps within both). Answers: 202 delivered; 429 and 503 wait for Retry-After; 401 gets
 // one fresh token, then is the configuration; 403 (no Mail.Send, no consent, an access policy) and
 // 404 (no such mailbox, or no Exchange Online licence) are the configuration; 413 is too big for
 // the tenant and bounces.
@@ -46,8 +48,8 @@ export interface GraphUpstreamSpec {
   mailbox: string | undefined;
   /** Requests per window per mailbox. */
   limits: readonly WindowLimit[];
-  /** Requests at once per mailbox (Graph: 4). */
-  concurrentPerMailbox: number;
+  /** Requests at once, for the whole app (Graph: 4). */
+  concurrentRequests: number;
 }
 
 /** MIME up to this size goes in one sendMail request (base64 makes it 4 MB). */
@@ -73,8 +75,8 @@ export class GraphUpstreamTarget implements DeliveryTarget {
   readonly #holds: UpstreamHolds;
   readonly #limits: SendLimits;
   readonly #agent: Agent;
-  /** Requests in progress and waiting, per mailbox (lower case). */
-  readonly #slots = new Map<string, { active: number; waiting: (() => void)[] }>();
+  /** Requests in progress, and those waiting for a slot. */
+  readonly #slots = { active: 0, waiting: [] as (() => void)[] };
 
   constructor(spec: GraphUpstreamSpec, context: UpstreamContext) {
     this.#spec = spec;
@@ -170,7 +172,7 @@ export class GraphUpstreamTarget implements DeliveryTarget {
           ...(hold ? { hold, problem: 'token_refused', advice: `fix the app's credentials (${err.outcome.response.replace(/^\d\.\d+\.\d+ /, '')}), then restart Postern` } : {}),
         };
       }
-      const release = await this.#slot(mailbox, signal);
+      const release = await this.#slot(signal);
       let answer: HttpsAnswer | { error: Error };
       try {
         answer = small ? await this.#sendMail(mailbox, mime, token) : await this.#sendLarge(mailbox, mime, token);
@@ -183,7 +185,7 @@ export class GraphUpstreamTarget implements DeliveryTarget {
         const e = deliveryError('GRAPH_UNAVAILABLE', { reason: answer.error.message });
         return { status: 'deferred', response: e.response, enhanced: e.enhanced };
       }
-      const verdict = this.#verdict(answer, mailbox);
+      const verdict = this.#verdict(answer, mailbox, !small);
       if (verdict.status === 'deferred' && verdict.renewToken && !renew) continue;
       return verdict;
     }
@@ -280,7 +282,7 @@ export class GraphUpstreamTarget implements DeliveryTarget {
   }
 
   /** What Graph's answer means for the queue. */
-  #verdict(answer: HttpsAnswer, mailbox: string): GraphVerdict & { response: string; enhanced: string } {
+  #verdict(answer: HttpsAnswer, mailbox: string, large: boolean): GraphVerdict & { response: string; enhanced: string } {
     if (answer.status === 202 || answer.status === 200 || answer.status === 201) {
       return { status: 'delivered', enhanced: '2.0.0', response: `2.0.0 Accepted by Microsoft Graph (HTTP ${answer.status})` };
     }
@@ -303,6 +305,15 @@ export class GraphUpstreamTarget implements DeliveryTarget {
           hold: 'upstream',
           problem: 'graph_token_refused',
           advice: `Graph refused the app's token (${code}): check the app registration is in tenant and has the Graph permission Mail.Send (Application) with admin consent`,
+        };
+      case answer.status === 403 && large && !/policy|access to odata/i.test(message):
+        // Drafts and attachments need Mail.ReadWrite; small messages (sendMail) may still go.
+        return {
+          status: 'deferred',
+          enhanced: '4.7.0',
+          response: said('4.7.0'),
+          problem: 'graph_large_denied',
+          advice: `Graph refused to make a draft for a message over 3 MB (${code}): messages that large need the Graph application permission Mail.ReadWrite (with admin consent) besides Mail.Send`,
         };
       case answer.status === 403:
         return {
@@ -337,25 +348,20 @@ export class GraphUpstreamTarget implements DeliveryTarget {
     }
   }
 
-  /** Waits for one of the mailbox's request slots; returns its release. */
-  async #slot(mailbox: string, signal: AbortSignal | undefined): Promise<() => void> {
-    const key = mailbox.toLowerCase();
-    let slots = this.#slots.get(key);
-    if (!slots) {
-      slots = { active: 0, waiting: [] };
-      this.#slots.set(key, slots);
-    }
-    const s = slots;
-    if (s.active >= this.#spec.concurrentPerMailbox) {
+  /** Waits for one of the app's request slots; returns its release. */
+  async #slot(signal: AbortSignal | undefined): Promise<() => void> {
+    const s = this.#slots;
+    if (s.active >= this.#spec.concurrentRequests) {
       await new Promise<void>((resolve) => s.waiting.push(resolve));
-      if (signal?.aborted) throw new Error('interrupted');
+      if (signal?.aborted) {
+        s.waiting.shift()?.();
+        throw new Error('interrupted');
+      }
     }
     s.active++;
     return () => {
       s.active--;
-      const next = s.waiting.shift();
-      if (next) next();
-      else if (s.active === 0) this.#slots.delete(key);
+      s.waiting.shift()?.();
     };
   }
 }

@@ -99,7 +99,7 @@ function createTarget(upstream: UpstreamConfig, context: UpstreamContext, env: N
             tokens,
             mailbox: upstream.mailbox,
             limits: windowLimits(upstream.limits),
-            concurrentPerMailbox: upstream.limits.connections,
+            concurrentRequests: upstream.limits.connections,
           },
           context,
         );
