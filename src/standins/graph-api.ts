@@ -93,8 +93,7 @@
 // Anything else Graph may answer (503, 500, 504, an error on one step…) comes from script().
 import { randomBytes, randomUUID } from 'node:crypto';
 import type { IncomingMessage, ServerResponse } from 'node:http';
-import https from 'node:https';
-import type { AddressInfo } from 'node:net';
+import { LoopbackHttps } from './loopback-https.js';
 import addressparser from 'nodemailer/lib/addressparser';
 import type { IdentityStandIn } from './identity-platform.js';
 import { headerValue } from './smtp-records.js';
@@ -339,7 +338,7 @@ export class GraphStandIn {
   readonly #maxChunkBytes: number;
   readonly #chunkMultiple: number;
   readonly #sessionLifetimeMs: number;
-  #server: https.Server | undefined;
+  #server: LoopbackHttps | undefined;
 
   constructor(options: GraphStandInOptions) {
     this.#options = options;
@@ -355,31 +354,20 @@ export class GraphStandIn {
   }
 
   async start(): Promise<void> {
-    const server = https.createServer({ cert: this.#options.certificate.cert, key: this.#options.certificate.key }, (req, res) => {
-      void this.#handle(req, res);
-    });
-    server.on('clientError', (_err, socket) => socket.destroy());
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', reject);
-      server.listen(0, '127.0.0.1', () => resolve());
-    });
-    this.#server = server;
+    this.#server = await LoopbackHttps.start(this.#options.certificate, (req, res) => this.#handle(req, res));
   }
 
   /** https://127.0.0.1:port, Graph's root: requests go to `${url}/v1.0/...`. */
   get url(): string {
     if (!this.#server) throw new Error('GraphStandIn: not started');
-    return `https://127.0.0.1:${(this.#server.address() as AddressInfo).port}`;
+    return this.#server.url;
   }
 
   async close(): Promise<void> {
     const server = this.#server;
     if (!server) return;
     this.#server = undefined;
-    await new Promise<void>((resolve) => {
-      server.close(() => resolve());
-      server.closeAllConnections();
-    });
+    await server.close();
   }
 
   /** Drafts created and not sent or deleted yet. */

@@ -11,8 +11,7 @@
 //   - failNext() answers the next requests with a chosen status and body (a 503, a 500, an
 //     AADSTS error the stand-in would not produce by itself), and delayMs slows every answer.
 import type { IncomingMessage, ServerResponse } from 'node:http';
-import https from 'node:https';
-import type { AddressInfo } from 'node:net';
+import { LoopbackHttps } from './loopback-https.js';
 import { EntraTokenEndpoint, type EntraApp, type EntraAppRegistration, type TokenAnswer } from './entra-token-endpoint.js';
 import { GoogleTokenEndpoint, makeServiceAccountKey, type ServiceAccountKey, type ServiceAccountRegistration } from './google-token-endpoint.js';
 import { IssuedTokens, type TokenCheck, type TokenResource } from './issued-tokens.js';
@@ -69,7 +68,7 @@ export class IdentityStandIn {
   readonly #faults: Fault[] = [];
   readonly #entra: EntraTokenEndpoint;
   readonly #google: GoogleTokenEndpoint;
-  #server: https.Server | undefined;
+  #server: LoopbackHttps | undefined;
 
   constructor(options: IdentityStandInOptions) {
     this.#options = options;
@@ -79,21 +78,13 @@ export class IdentityStandIn {
   }
 
   async start(): Promise<void> {
-    const server = https.createServer({ cert: this.#options.certificate.cert, key: this.#options.certificate.key }, (req, res) => {
-      void this.#handle(req, res);
-    });
-    server.on('clientError', (_err, socket) => socket.destroy());
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', reject);
-      server.listen(0, '127.0.0.1', () => resolve());
-    });
-    this.#server = server;
+    this.#server = await LoopbackHttps.start(this.#options.certificate, (req, res) => this.#handle(req, res));
   }
 
   /** https://127.0.0.1:port: Microsoft's "authority"; Google's token_uri is `${url}/token`. */
   get url(): string {
     if (!this.#server) throw new Error('IdentityStandIn: not started');
-    return `https://127.0.0.1:${(this.#server.address() as AddressInfo).port}`;
+    return this.#server.url;
   }
 
   /** The token endpoint of a Microsoft tenant (by domain or id). */
@@ -110,10 +101,7 @@ export class IdentityStandIn {
     const server = this.#server;
     if (!server) return;
     this.#server = undefined;
-    await new Promise<void>((resolve) => {
-      server.close(() => resolve());
-      server.closeAllConnections();
-    });
+    await server.close();
   }
 
   // ---- Microsoft ------------------------------------------------------------------------
