@@ -36,6 +36,12 @@ export interface UpstreamBenchFigures {
   limitPerSecond: number;
   /** achieved / limit. */
   ratio: number;
+  /**
+   * Arrival gap between each message and the one `limit` messages later, less the window: how late
+   * each window starts (median and 90th percentile, ms). Postern counts a send from when its
+   * delivery finished, so each window starts at least one delivery time late.
+   */
+  windowLateMs: { p50: number; p90: number };
   /** Submitting the 1,000 messages to Postern (all accepted before most have left). */
   submitMs: number;
 }
@@ -124,6 +130,8 @@ default = true
     const spanMs = arrivals.length > 1 ? arrivals.at(-1)! - arrivals[0]! : 0;
     const limitPerSecond = (PER_WINDOW / WINDOW_MS) * 1000;
     const achievedPerSecond = spanMs > 0 ? ((arrivals.length - PER_WINDOW) / spanMs) * 1000 : 0;
+    const late = arrivals.slice(PER_WINDOW).map((t, i) => t - arrivals[i]! - WINDOW_MS).sort((a, b) => a - b);
+    const at = (p: number) => (late.length ? late[Math.min(late.length - 1, Math.floor(p * late.length))]! : 0);
     return {
       messages,
       limit: { messages: PER_WINDOW, windowMs: WINDOW_MS, timeScale: TIME_SCALE },
@@ -138,6 +146,7 @@ default = true
       achievedPerSecond,
       limitPerSecond,
       ratio: achievedPerSecond / limitPerSecond,
+      windowLateMs: { p50: at(0.5), p90: at(0.9) },
       submitMs,
     };
   } finally {
@@ -164,5 +173,6 @@ export function formatUpstreamFigures(f: UpstreamBenchFigures): string {
     `  ${f.messages} submitted in ${(f.submitMs / 1000).toFixed(1)} s; ${f.arrived} arrived, ${f.deferred} deferred, ${f.failed} failed; ${f.waits} waits for a slot`,
     `  over the limit at the stand-in: ${v.messages} messages, ${v.connections} connections, ${v.recipients} recipients; most connections at once ${f.maxConcurrentConnections}; ${f.tokenRequests} token request(s)`,
     `  achieved ${f.achievedPerSecond.toFixed(1)}/s against a limit of ${f.limitPerSecond.toFixed(1)}/s = ${(f.ratio * 100).toFixed(1)}% (first to last arrival ${(f.spanMs / 1000).toFixed(1)} s)`,
+    `  each message arrived ${f.windowLateMs.p50.toFixed(0)} ms (median; p90 ${f.windowLateMs.p90.toFixed(0)} ms) more than a window after the one ${f.limit.messages} before it`,
   ].join('\n');
 }

@@ -154,13 +154,12 @@ const MINUTE = 60_000;
 const DAY = 86_400_000;
 
 /**
- * The configured limits as sliding windows, scaled by time_scale (tests and benchmarks). Each
- * window is 2% longer than the provider's: Postern counts a message when it lets it go, the
- * provider when it arrives, and a message that waited longer for a connection than the one a
- * window later would otherwise make the provider count one too many.
+ * The configured limits as sliding windows, scaled by time_scale (tests and benchmarks). No margin
+ * is added: a send counts from when its delivery finished (send-limits.ts), which is after the
+ * provider counted it.
  */
 function windowLimits(limits: OAuthUpstreamConfig['limits']): WindowLimit[] {
-  const scale = limits.time_scale * 1.02;
+  const scale = limits.time_scale;
   const windows: WindowLimit[] = [];
   if (limits.messages_per_minute) windows.push({ label: `${limits.messages_per_minute} messages a minute`, limit: limits.messages_per_minute, windowMs: MINUTE * scale, unit: 'messages' });
   if (limits.messages_per_day) windows.push({ label: `${limits.messages_per_day} messages a day`, limit: limits.messages_per_day, windowMs: DAY * scale, unit: 'messages', budget: true });
