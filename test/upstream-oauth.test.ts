@@ -71,6 +71,11 @@ async function harness(upstream: Record<string, unknown>, options: { connectionI
   return setup({ ...options, config: { upstream: [upstream], upstream_route: [{ upstream: String(upstream.name), default: true }] } as never });
 }
 
+/** Log lines about upstream problems (not the start-up notes, not recoveries). */
+function problemLines(h: Harness) {
+  return h.logs.filter((l) => String(l.event).startsWith('upstream_') && !['upstream_recovered', 'upstream_no_null_sender_mailbox'].includes(String(l.event)));
+}
+
 function tokenRequests(clientId = CLIENT_ID) {
   return identity.requests.filter((r) => r.clientId === clientId);
 }
@@ -114,6 +119,16 @@ describe('Microsoft 365 over SMTP (XOAUTH2)', () => {
     await expectNoSecrets(h, [a, b], [SECRET]);
   });
 
+  test('at start, an upstream that sends as each sender says bounces cannot go through it; with mailbox it does not', async () => {
+    const exchange = await startExchange();
+    const h = await harness(m365(exchange));
+    const notes = h.logs.filter((l) => l.event === 'upstream_no_null_sender_mailbox');
+    expect(notes).toHaveLength(1);
+    expect(notes[0]!.msg).toContain('set mailbox = "postmaster@..." or a fallback');
+    const withMailbox = await harness(m365(exchange, { mailbox: PRINTER }));
+    expect(withMailbox.logs.filter((l) => l.event === 'upstream_no_null_sender_mailbox')).toEqual([]);
+  });
+
   test('certificate credentials: a signed client assertion instead of a secret', async () => {
     const app = await makeAppCertificate();
     const clientId = 'b1f7e0c2-0000-4000-8000-00000000cert';
@@ -155,7 +170,7 @@ describe('Microsoft 365 over SMTP (XOAUTH2)', () => {
     expect(refused.every((l) => l.reply.startsWith('535 5.7.3'))).toBe(true);
     expect(tokenRequests().length - before).toBeGreaterThanOrEqual(1);
     // No refusal was counted against the mailbox: nothing held, nothing logged as a problem.
-    expect(h.logs.filter((l) => String(l.event).startsWith('upstream_') && l.event !== 'upstream_recovered')).toEqual([]);
+    expect(problemLines(h)).toEqual([]);
     expect(exchange.messages).toHaveLength(7);
   });
 
@@ -219,7 +234,7 @@ describe('Microsoft 365 over SMTP (XOAUTH2)', () => {
     const ra = recipient(await settled(h, a), 'x@fabrikam.test');
     expect(ra.state).toBe('deferred');
     expect(ra.lastResponse).toMatch(/^4\.4\.1 Cannot get an access token for upstream m365: HTTP 503 from https:\/\/127\.0\.0\.1:\d+: temporarily_unavailable/);
-    expect(h.logs.filter((l) => String(l.event).startsWith('upstream_'))).toEqual([]);
+    expect(problemLines(h)).toEqual([]);
     // Not held: the next message gets a token and goes.
     const b = await h.enqueue({ sender: PRINTER, recipients: ['y@fabrikam.test'] });
     expect(recipient(await settled(h, b), 'y@fabrikam.test').state).toBe('delivered');
@@ -307,7 +322,7 @@ describe('Microsoft 365 over SMTP (XOAUTH2)', () => {
     const id = await h.enqueue({ sender: PRINTER, recipients: ['x@fabrikam.test'] });
     const r430 = recipient(await settled(h, id), 'x@fabrikam.test');
     expect(r430).toMatchObject({ state: 'deferred', lastCode: 430, attempts: 1 });
-    expect(h.logs.filter((l) => String(l.event).startsWith('upstream_'))).toEqual([]);
+    expect(problemLines(h)).toEqual([]);
   });
 
   test('a refused recipient still bounces: 550 5.1.10 is not the configuration', async () => {
@@ -463,7 +478,7 @@ describe('Microsoft 365 over Graph', () => {
     const id = await h.enqueue({ sender: PRINTER, recipients: ['b@fabrikam.test'] });
     expect(recipient(await settled(h, id), 'b@fabrikam.test').state).toBe('delivered');
     expect(graph.requests.filter((r) => r.status === 401)).toHaveLength(1);
-    expect(h.logs.filter((l) => String(l.event).startsWith('upstream_') && l.event !== 'upstream_recovered')).toEqual([]);
+    expect(problemLines(h)).toEqual([]);
   });
 
   test('a burst keeps to 4 requests at once per mailbox: none throttled, none lost', async () => {

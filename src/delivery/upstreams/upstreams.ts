@@ -47,6 +47,15 @@ export function createUpstreamTargets(
     }
   }
   if (problems.length > 0) throw new ConfigError(file ?? '(configuration)', problems);
+  for (const u of upstreams) {
+    if (u.type !== 'smtp' && !u.mailbox && !u.fallback) {
+      // Not an error: routed by sender or account, such an upstream never sees Postern's own mail.
+      context.logger?.warn(
+        { event: 'upstream_no_null_sender_mailbox', upstream: u.name },
+        `upstream ${u.name} sends as each message's sender, so bounces and alerts Postern sends (from the null sender) cannot go through it: if it is the default route, set mailbox = "postmaster@..." or a fallback`,
+      );
+    }
+  }
   // Each upstream with a fallback hands it what its configuration keeps it from sending; the
   // fallback's own fallback follows (the configuration refuses cycles).
   const byName = new Map(upstreams.map((u) => [u.name.toLowerCase(), u]));
