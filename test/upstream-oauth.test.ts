@@ -444,6 +444,16 @@ describe('Microsoft 365 over Graph', () => {
     expect(graph.sent).toHaveLength(0);
   });
 
+  test('a message too big for the tenant (413) bounces: no other path would take it', async () => {
+    const graph = await startGraph();
+    graph.script({ status: 413, code: 'RequestEntityTooLarge', message: 'The maximum request length supported is 4MB.', path: 'sendMail' });
+    const h = await harness(graphUpstream(graph, { mailbox: PRINTER }));
+    const id = await h.enqueue({ sender: PRINTER, recipients: ['x@fabrikam.test'] });
+    const r = recipient(await settled(h, id), 'x@fabrikam.test');
+    expect(r.state).toBe('failed');
+    expect(r.lastResponse).toBe('5.3.4 Microsoft Graph answered 413 RequestEntityTooLarge: The maximum request length supported is 4MB.');
+  });
+
   test('403 without Mail.Send: deferred, the upstream held, the permission named', async () => {
     const graph = await startGraph({ appPermissions: { [CLIENT_ID]: [] } });
     const h = await harness(graphUpstream(graph));
