@@ -299,6 +299,7 @@ describe('Microsoft 365 over SMTP (XOAUTH2)', () => {
     ['554 5.2.2 mailbox full; Quota exceeded', 'mailbox_full', 'mailbox'],
     ['550 5.7.30 Basic authentication is not supported for Client Submission.', 'basic_auth_refused', 'upstream'],
     ['550 5.7.68 TenantOutboundBlocked', 'tenant_blocked', 'upstream'],
+    ['530 5.7.57 Client not authenticated to send mail.', 'not_authenticated', 'mailbox'],
     ['550 5.7.708 Service unavailable. Access denied, traffic not accepted from this IP.', 'tenant_blocked', 'upstream'],
   ] as const)('%s is a configuration problem: deferred, held, logged (%s)', async (reply, problem, scope) => {
     const exchange = await startExchange();
@@ -315,14 +316,19 @@ describe('Microsoft 365 over SMTP (XOAUTH2)', () => {
     expect(recipient(await settled(h, other), 'y@fabrikam.test').state).toBe(scope === 'mailbox' ? 'delivered' : 'deferred');
   });
 
-  test('430 4.2.0 (mailbox logon failure) to MAIL FROM is retried on the backoff, with that reply', async () => {
+  test.each([
+    ['mail', '430 4.2.0 STOREDRV; mailbox logon failure', 'could not open the mailbox printer@contoso.com (a temporary logon failure)'],
+    ['data', '421 4.7.66 TLS 1.0 and 1.1 are not supported. Please upgrade/update your client to support TLS 1.2.', 'Exchange refused the TLS version'],
+  ] as const)('at %s, %s is retried on the backoff, with the reason logged', async (at, reply, advice) => {
     const exchange = await startExchange();
-    exchange.script({ at: 'mail', code: 430, message: '4.2.0 STOREDRV; mailbox logon failure' });
+    const [code, ...rest] = reply.split(' ');
+    exchange.script({ at, code: Number(code), message: rest.join(' ') });
     const h = await harness(m365(exchange));
     const id = await h.enqueue({ sender: PRINTER, recipients: ['x@fabrikam.test'] });
-    const r430 = recipient(await settled(h, id), 'x@fabrikam.test');
-    expect(r430).toMatchObject({ state: 'deferred', lastCode: 430, attempts: 1 });
-    expect(problemLines(h)).toEqual([]);
+    expect(recipient(await settled(h, id), 'x@fabrikam.test')).toMatchObject({ state: 'deferred', lastCode: Number(code), attempts: 1 });
+    const lines = problemLines(h);
+    expect(lines.map((l) => l.event)).toEqual(['upstream_temporary']);
+    expect(lines[0]!.msg).toContain(advice);
   });
 
   test('a refused recipient still bounces: 550 5.1.10 is not the configuration', async () => {

@@ -143,6 +143,9 @@ export class OAuthSmtpUpstreamTarget implements DeliveryTarget {
     if (!verdict) return result;
     switch (verdict.action) {
       case 'retry':
+        if (verdict.advice) {
+          this.#log?.warn({ event: 'upstream_temporary', mailbox, code: result.code, response: result.response }, `upstream ${this.name}: ${verdict.advice}; retried`);
+        }
         return result.status === 'failed' ? { ...result, status: 'deferred' } : result;
       case 'retry_later': {
         // The mailbox's other mail waits as well, instead of each message being told the same.
