@@ -11,6 +11,7 @@ import { ConfigError, parseConfigText } from '../src/config/load-config.js';
 import MailComposer from 'nodemailer/lib/mail-composer';
 import { GmailSmtpStandIn } from '../src/standins/gmail-smtp.js';
 import { GraphStandIn, type GraphStandInOptions } from '../src/standins/graph-api.js';
+import { withEnvelopeRecipients } from '../src/delivery/upstreams/graph-upstream.js';
 import { IdentityStandIn } from '../src/standins/identity-platform.js';
 import { Office365SmtpStandIn, type Office365SmtpStandInOptions } from '../src/standins/office365-smtp.js';
 import { type StandInTls, makeAppCertificate, makeStandInTls } from '../src/standins/standin-certificates.js';
@@ -392,6 +393,33 @@ describe('Microsoft 365 over Graph', () => {
     expect(graph.sent).toHaveLength(1);
   });
 
+  test('the envelope against the header fields: UTF-8 addresses, "To :", one merged Bcc field', () => {
+    const mime = (header: string) => Buffer.from(`${header}Subject: x\r\n\r\nbody\r\n`, 'utf8');
+    const bytes = (r: ReturnType<typeof withEnvelopeRecipients>) => ('mime' in r ? r.mime.toString('utf8') : r);
+    expect(bytes(withEnvelopeRecipients(mime('To: <jürgen@bücher.test>\r\n'), ['jürgen@bücher.test', '用户@例子.test']))).toBe(
+      'Bcc: 用户@例子.test\r\nTo: <jürgen@bücher.test>\r\nSubject: x\r\n\r\nbody\r\n',
+    );
+    expect(withEnvelopeRecipients(mime('To : <stranger@x.test>\r\n'), ['a@x.test'])).toEqual({ stranger: 'stranger@x.test' });
+    expect(bytes(withEnvelopeRecipients(mime('To: a@x.test\r\nBcc: b@x.test,\r\n c@x.test\r\n'), ['a@x.test', 'b@x.test', 'c@x.test', 'd@x.test']))).toBe(
+      'Bcc: b@x.test, c@x.test, d@x.test\r\nTo: a@x.test\r\nSubject: x\r\n\r\nbody\r\n',
+    );
+    // Nothing to add: the bytes are the queued ones, 8-bit header bytes included.
+    const latin = Buffer.concat([Buffer.from('To: a@x.test\r\nSubject: '), Buffer.from([0xe9]), Buffer.from('\r\n\r\nx\r\n')]);
+    expect(withEnvelopeRecipients(latin, ['a@x.test'])).toEqual({ mime: latin });
+  });
+
+  test('SendAsDenied over Graph: that message waits with the fix logged, the mailbox is not held', async () => {
+    const graph = await startGraph();
+    const h = await harness(graphUpstream(graph, { mailbox: PRINTER }));
+    const denied = await h.enqueue({ sender: 'ceo@contoso.com', recipients: ['x@fabrikam.test'], body: 'From: <ceo@contoso.com>\r\nTo: <x@fabrikam.test>\r\n\r\nx\r\n' });
+    const r = recipient(await settled(h, denied), 'x@fabrikam.test');
+    expect(r.state).toBe('deferred');
+    expect(r.lastResponse).toMatch(/^4\.7\.0 Microsoft Graph answered 403 ErrorSendAsDenied: /);
+    expect(h.logs.find((l) => l.event === 'upstream_send_as_denied')!.msg).toContain(`-Trustee ${PRINTER} -AccessRights SendAs`);
+    const ok = await h.enqueue({ sender: PRINTER, recipients: ['y@fabrikam.test'] });
+    expect(recipient(await settled(h, ok), 'y@fabrikam.test').state).toBe('delivered');
+  });
+
   test('a 30 MB message: a draft, its attachment through an upload session in chunks, then send; every byte arrives', async () => {
     const graph = await startGraph();
     const h = await harness(graphUpstream(graph));
@@ -403,6 +431,7 @@ describe('Microsoft 365 over Graph', () => {
         to: 'boss@fabrikam.test',
         subject: 'big scan',
         text: 'The scan is attached.',
+        headers: { 'X-Scanner-Job': '4711', 'Auto-Submitted': 'auto-generated' },
         attachments: [{ filename: 'scan.pdf', contentType: 'application/pdf', content: attachment }],
       })
         .compile()
@@ -416,6 +445,10 @@ describe('Microsoft 365 over Graph', () => {
     expect(sent.attachments.map((a) => [a.name, a.contentType, a.via, a.bytes.length])).toEqual([['scan.pdf', 'application/pdf', 'uploadSession', attachment.length]]);
     expect(sent.attachments[0]!.bytes.equals(attachment)).toBe(true);
     expect(sent.mime.toString('utf8')).toContain('The scan is attached.');
+    // The draft is rebuilt from the parsed message: the other header fields come along.
+    expect(sent.mime.toString('utf8')).toMatch(/^X-Scanner-Job: 4711\r$/m);
+    expect(sent.mime.toString('utf8')).toMatch(/^Auto-Submitted: auto-generated\r$/m);
+    expect(graph.drafts).toHaveLength(0);
     expect(graph.requests.filter((r) => r.operation === 'upload').length).toBe(Math.ceil(attachment.length / (10 * 320 * 1024)));
   });
 
@@ -450,14 +483,19 @@ describe('Microsoft 365 over Graph', () => {
     expect(graph.sent).toHaveLength(0);
   });
 
-  test('a message too big for the tenant (413) bounces: no other path would take it', async () => {
+  test('413: a request over Graph\'s 4 MB goes through a draft instead; too big that way too, it bounces', async () => {
     const graph = await startGraph();
     graph.script({ status: 413, code: 'RequestEntityTooLarge', message: 'The maximum request length supported is 4MB.', path: 'sendMail' });
     const h = await harness(graphUpstream(graph, { mailbox: PRINTER }));
-    const id = await h.enqueue({ sender: PRINTER, recipients: ['x@fabrikam.test'] });
-    const r = recipient(await settled(h, id), 'x@fabrikam.test');
+    const a = await h.enqueue({ sender: PRINTER, recipients: ['x@fabrikam.test'] });
+    expect(recipient(await settled(h, a), 'x@fabrikam.test').state).toBe('delivered');
+    expect(graph.sent[0]).toMatchObject({ via: 'draft' });
+    graph.script({ status: 413, code: 'RequestEntityTooLarge', message: 'The maximum request length supported is 4MB.', path: 'sendMail' });
+    graph.script({ status: 413, code: 'ErrorMessageSizeExceeded', message: 'The message exceeds the maximum supported size.', path: 'messages' });
+    const b = await h.enqueue({ sender: PRINTER, recipients: ['y@fabrikam.test'] });
+    const r = recipient(await settled(h, b), 'y@fabrikam.test');
     expect(r.state).toBe('failed');
-    expect(r.lastResponse).toBe('5.3.4 Microsoft Graph answered 413 RequestEntityTooLarge: The maximum request length supported is 4MB.');
+    expect(r.lastResponse).toBe('5.3.4 Microsoft Graph answered 413 ErrorMessageSizeExceeded: The message exceeds the maximum supported size.');
   });
 
   test('403 without Mail.Send: deferred, the upstream held, the permission named', async () => {

@@ -159,7 +159,10 @@ export class SmtpTarget implements DeliveryTarget {
       signal,
     });
     if (opened.session) return { session: opened.session };
-    if (opened.problem) this.#destination.onSetupProblem?.(opened.problem, opened.failure);
-    return { failure: opened.failure };
+    if (!opened.problem) return { failure: opened.failure };
+    this.#destination.onSetupProblem?.(opened.problem, opened.failure);
+    // This delivery's own setup failed on the configuration (credentials, TLS, AUTH): its
+    // recipients say so, for an upstream's fallback (and nothing else) to act on.
+    return { failure: { ...opened.failure, configurationProblem: opened.problem } };
   }
 }

@@ -52,8 +52,10 @@ export interface GraphUpstreamSpec {
   concurrentRequests: number;
 }
 
-/** MIME up to this size goes in one sendMail request (base64 makes it 4 MB). */
-const SEND_MAIL_MAX_BYTES = 3 * 1024 * 1024 - 64 * 1024;
+/** MIME up to this size goes in one sendMail request: base64 makes it 3.87 MB, under Graph's 4 MB. */
+const SEND_MAIL_MAX_BYTES = 2_900_000;
+/** Large messages are read and parsed in memory: this many at once per upstream (35 MB each, copied twice). */
+const LARGE_AT_ONCE = 2;
 /** Attachments from this size go through an upload session (Graph: 3 MB). */
 const UPLOAD_SESSION_FROM_BYTES = 3 * 1024 * 1024;
 /** Upload chunk: a multiple of 320 KiB, under Graph's 4 MB per request. */
@@ -75,8 +77,10 @@ export class GraphUpstreamTarget implements DeliveryTarget {
   readonly #holds: UpstreamHolds;
   readonly #limits: SendLimits;
   readonly #agent: Agent;
-  /** Requests in progress, and those waiting for a slot. */
-  readonly #slots = { active: 0, waiting: [] as (() => void)[] };
+  /** Graph requests in progress, and those waiting for a slot. */
+  readonly #requests = new Semaphore();
+  /** Large messages being read, parsed and uploaded. */
+  readonly #large = new Semaphore();
 
   constructor(spec: GraphUpstreamSpec, context: UpstreamContext) {
     this.#spec = spec;
@@ -92,7 +96,7 @@ export class GraphUpstreamTarget implements DeliveryTarget {
   }
 
   async deliver(job: DeliveryJob): Promise<RecipientResult[]> {
-    const all = (outcome: DeliveryOutcome & Pick<RecipientResult, 'waitUntil' | 'retryAt'>) => job.recipients.map((r) => ({ ...outcome, index: r.index }));
+    const all = (outcome: DeliveryOutcome & Pick<RecipientResult, 'waitUntil' | 'retryAt' | 'configurationProblem'>) => job.recipients.map((r) => ({ ...outcome, index: r.index }));
     const mailbox = this.#spec.mailbox ?? job.sender;
     if (!mailbox) {
       const failure = deliveryError('NO_MAILBOX', { destination: `upstream ${this.name}` }).toOutcome();
@@ -102,13 +106,27 @@ export class GraphUpstreamTarget implements DeliveryTarget {
     const held = this.#holds.held(mailbox);
     if (held) return all(held);
 
-    let mime: Buffer;
+    // A large message is held in memory while it is parsed and uploaded: a few at a time.
+    const releaseLarge = job.size > SEND_MAIL_MAX_BYTES ? await this.#large.take(LARGE_AT_ONCE, job.signal) : () => {};
+    if (!releaseLarge) return all(interrupted());
     try {
-      mime = await readAll(job.body());
+      return await this.#deliverRead(job, mailbox, all);
+    } finally {
+      releaseLarge();
+    }
+  }
+
+  async #deliverRead(
+    job: DeliveryJob,
+    mailbox: string,
+    all: (outcome: DeliveryOutcome & Pick<RecipientResult, 'waitUntil' | 'retryAt' | 'configurationProblem'>) => RecipientResult[],
+  ): Promise<RecipientResult[]> {
+    let prepared: ReturnType<typeof withEnvelopeRecipients>;
+    try {
+      prepared = withEnvelopeRecipients(await readAll(job.body()), job.recipients.map((r) => r.address));
     } catch (err) {
       return all(deliveryError('BODY_UNREADABLE', { reason: (err as Error).message }).toOutcome());
     }
-    const prepared = withEnvelopeRecipients(mime, job.recipients.map((r) => r.address));
     if ('stranger' in prepared) {
       const failure = deliveryError('GRAPH_RECIPIENTS', { destination: `upstream ${this.name}`, address: prepared.stranger }).toOutcome();
       this.#holds.problem(mailbox, 'graph_recipients', failure, `a message names ${prepared.stranger} in its header but not as a recipient of this delivery; Graph would send it there too: route such mail over SMTP (method = "smtp") or give this upstream a fallback`);
@@ -172,15 +190,19 @@ export class GraphUpstreamTarget implements DeliveryTarget {
           ...(hold ? { hold, problem: 'token_refused', advice: `fix the app's credentials (${err.outcome.response.replace(/^\d\.\d+\.\d+ /, '')}), then restart Postern` } : {}),
         };
       }
-      const release = await this.#slot(signal);
+      const release = await this.#requests.take(this.#spec.concurrentRequests, signal);
+      if (!release) return interrupted();
       let answer: HttpsAnswer | { error: Error };
       try {
-        answer = small ? await this.#sendMail(mailbox, mime, token) : await this.#sendLarge(mailbox, mime, token);
+        answer = small ? await this.#sendMail(mailbox, mime, token, signal) : await this.#sendLarge(mailbox, mime, token, signal);
+        // Over Graph's request size after all: the draft path takes it in parts.
+        if (small && answer.status === 413) answer = await this.#sendLarge(mailbox, mime, token, signal);
       } catch (err) {
         answer = { error: err as Error };
       } finally {
         release();
       }
+      if (signal?.aborted) return interrupted();
       if ('error' in answer) {
         const e = deliveryError('GRAPH_UNAVAILABLE', { reason: answer.error.message });
         return { status: 'deferred', response: e.response, enhanced: e.enhanced };
@@ -191,16 +213,20 @@ export class GraphUpstreamTarget implements DeliveryTarget {
     }
   }
 
-  #sendMail(mailbox: string, mime: Buffer, token: string): Promise<HttpsAnswer> {
-    return this.#call('POST', `/v1.0/users/${encodeURIComponent(mailbox)}/sendMail`, token, { 'content-type': 'text/plain' }, mime.toString('base64'));
+  #sendMail(mailbox: string, mime: Buffer, token: string, signal: AbortSignal | undefined): Promise<HttpsAnswer> {
+    return this.#call('POST', `/v1.0/users/${encodeURIComponent(mailbox)}/sendMail`, token, { 'content-type': 'text/plain' }, mime.toString('base64'), signal);
   }
 
-  /** Draft, attachments, send; the draft is deleted if a step fails. */
-  async #sendLarge(mailbox: string, mime: Buffer, token: string): Promise<HttpsAnswer> {
+  /**
+   * Draft, attachments, send. The draft is deleted if a step fails (with a fresh token when the
+   * old one was refused), so a retry does not leave a copy in Drafts; a draft that cannot be
+   * deleted is logged with its id.
+   */
+  async #sendLarge(mailbox: string, mime: Buffer, token: string, signal: AbortSignal | undefined): Promise<HttpsAnswer> {
     const user = `/v1.0/users/${encodeURIComponent(mailbox)}`;
     const parsed = await simpleParser(mime, { skipHtmlToText: true, skipTextToHtml: true, skipTextLinks: true, skipImageLinks: true });
     const draftMime = await composeWithoutAttachments(parsed);
-    const created = await this.#call('POST', `${user}/messages`, token, { 'content-type': 'text/plain' }, draftMime.toString('base64'));
+    const created = await this.#call('POST', `${user}/messages`, token, { 'content-type': 'text/plain' }, draftMime.toString('base64'), signal);
     if (created.status !== 201) return created;
     const id = String(jsonBody(created)?.id ?? '');
     if (!id) throw new Error('Graph created a draft without an id');
@@ -208,18 +234,30 @@ export class GraphUpstreamTarget implements DeliveryTarget {
     let sent = false;
     try {
       for (const attachment of parsed.attachments) {
-        const answer = attachment.size >= UPLOAD_SESSION_FROM_BYTES ? await this.#upload(draft, attachment, token) : await this.#attach(draft, attachment, token);
+        const answer =
+          attachment.size >= UPLOAD_SESSION_FROM_BYTES ? await this.#upload(draft, attachment, token, signal) : await this.#attach(draft, attachment, token, signal);
         if (answer.status !== 201 && answer.status !== 200) return answer;
       }
-      const answer = await this.#call('POST', `${draft}/send`, token, {}, undefined);
+      const answer = await this.#call('POST', `${draft}/send`, token, {}, undefined, signal);
       sent = answer.status === 202;
       return answer;
     } finally {
-      if (!sent) await this.#call('DELETE', draft, token, {}, undefined).catch(() => undefined);
+      if (!sent) await this.#deleteDraft(mailbox, draft, token);
     }
   }
 
-  #attach(draft: string, a: Attachment, token: string): Promise<HttpsAnswer> {
+  async #deleteDraft(mailbox: string, draft: string, token: string): Promise<void> {
+    try {
+      let answer = await this.#call('DELETE', draft, token, {}, undefined);
+      if (answer.status === 401) answer = await this.#call('DELETE', draft, await this.#spec.tokens.token(mailbox, true), {}, undefined);
+      if (answer.status < 300 || answer.status === 404) return;
+      this.#log?.warn({ event: 'graph_draft_left', mailbox, draft, status: answer.status }, `could not delete an unsent draft in ${mailbox}'s Drafts folder (HTTP ${answer.status}); it can be deleted by hand`);
+    } catch (err) {
+      this.#log?.warn({ event: 'graph_draft_left', mailbox, draft, err: (err as Error).message }, `could not delete an unsent draft in ${mailbox}'s Drafts folder; it can be deleted by hand`);
+    }
+  }
+
+  #attach(draft: string, a: Attachment, token: string, signal: AbortSignal | undefined): Promise<HttpsAnswer> {
     const body = JSON.stringify({
       '@odata.type': '#microsoft.graph.fileAttachment',
       name: a.filename ?? 'attachment',
@@ -228,11 +266,11 @@ export class GraphUpstreamTarget implements DeliveryTarget {
       ...(a.cid ? { contentId: a.cid } : {}),
       isInline: a.contentDisposition === 'inline',
     });
-    return this.#call('POST', `${draft}/attachments`, token, { 'content-type': 'application/json' }, body);
+    return this.#call('POST', `${draft}/attachments`, token, { 'content-type': 'application/json' }, body, signal);
   }
 
   /** An upload session, then the bytes in chunks; the session's URL takes no token. */
-  async #upload(draft: string, a: Attachment, token: string): Promise<HttpsAnswer> {
+  async #upload(draft: string, a: Attachment, token: string, signal: AbortSignal | undefined): Promise<HttpsAnswer> {
     const session = await this.#call(
       'POST',
       `${draft}/attachments/createUploadSession`,
@@ -248,6 +286,7 @@ export class GraphUpstreamTarget implements DeliveryTarget {
           isInline: a.contentDisposition === 'inline',
         },
       }),
+      signal,
     );
     if (session.status !== 201) return session;
     const uploadUrl = String(jsonBody(session)?.uploadUrl ?? '');
@@ -262,23 +301,23 @@ export class GraphUpstreamTarget implements DeliveryTarget {
           headers: { 'content-type': 'application/octet-stream', 'content-range': `bytes ${start}-${start + chunk.length - 1}/${a.content.length}` },
           body: chunk,
         },
-        this.#httpsOptions(),
+        this.#httpsOptions(signal),
       );
       if (last.status !== 200 && last.status !== 201) return last;
     }
     return last;
   }
 
-  #call(method: string, path: string, token: string, headers: Record<string, string>, body: string | undefined): Promise<HttpsAnswer> {
+  #call(method: string, path: string, token: string, headers: Record<string, string>, body: string | undefined, signal?: AbortSignal): Promise<HttpsAnswer> {
     return httpsRequest(
       `${this.#spec.graphUrl.replace(/\/+$/, '')}${path}`,
       { method, headers: { authorization: `Bearer ${token}`, accept: 'application/json', ...headers }, ...(body !== undefined ? { body } : {}) },
-      this.#httpsOptions(),
+      this.#httpsOptions(signal),
     );
   }
 
-  #httpsOptions() {
-    return { timeoutMs: this.#timeoutMs, agent: this.#agent, ...(this.#spec.ca ? { ca: this.#spec.ca } : {}) };
+  #httpsOptions(signal?: AbortSignal) {
+    return { timeoutMs: this.#timeoutMs, agent: this.#agent, ...(this.#spec.ca ? { ca: this.#spec.ca } : {}), ...(signal ? { signal } : {}) };
   }
 
   /** What Graph's answer means for the queue. */
@@ -305,6 +344,15 @@ export class GraphUpstreamTarget implements DeliveryTarget {
           hold: 'upstream',
           problem: 'graph_token_refused',
           advice: `Graph refused the app's token (${code}): check the app registration is in tenant and has the Graph permission Mail.Send (Application) with admin consent`,
+        };
+      case answer.status === 403 && /SendAsDenied/i.test(code):
+        // This message's From, not the app: deferred and logged, nothing held (as 5.7.60 over SMTP).
+        return {
+          status: 'deferred',
+          enhanced: '4.7.0',
+          response: said('4.7.0'),
+          problem: 'send_as_denied',
+          advice: `the mailbox ${mailbox} may not send as this message's From: grant it with Add-RecipientPermission -Identity <the From address> -Trustee ${mailbox} -AccessRights SendAs, or send from ${mailbox}`,
         };
       case answer.status === 403 && large && !/policy|access to odata/i.test(message):
         // Drafts and attachments need Mail.ReadWrite; small messages (sendMail) may still go.
@@ -337,6 +385,10 @@ export class GraphUpstreamTarget implements DeliveryTarget {
         };
       case answer.status === 413 || /MessageSizeExceeded|RequestEntityTooLarge/i.test(code):
         return { status: 'failed', enhanced: '5.3.4', response: said('5.3.4') };
+      case answer.status === 400:
+        // Graph read the request and refused this message (invalid recipients, MIME it cannot
+        // take): sending it again would get the same answer, so it bounces with Graph's words.
+        return { status: 'failed', enhanced: '5.6.0', response: said('5.6.0') };
       default:
         return {
           status: 'deferred',
@@ -348,22 +400,46 @@ export class GraphUpstreamTarget implements DeliveryTarget {
     }
   }
 
-  /** Waits for one of the app's request slots; returns its release. */
-  async #slot(signal: AbortSignal | undefined): Promise<() => void> {
-    const s = this.#slots;
-    if (s.active >= this.#spec.concurrentRequests) {
-      await new Promise<void>((resolve) => s.waiting.push(resolve));
-      if (signal?.aborted) {
-        s.waiting.shift()?.();
-        throw new Error('interrupted');
-      }
+}
+
+/**
+ * A counting semaphore whose waiters give up on abort (shutdown): take() resolves to a release
+ * function, or to undefined when the signal fired first.
+ */
+class Semaphore {
+  #active = 0;
+  readonly #waiting = new Set<() => void>();
+
+  async take(limit: number, signal: AbortSignal | undefined): Promise<(() => void) | undefined> {
+    while (this.#active >= limit) {
+      if (signal?.aborted) return undefined;
+      await new Promise<void>((resolve) => {
+        const wake = () => {
+          this.#waiting.delete(wake);
+          signal?.removeEventListener('abort', wake);
+          resolve();
+        };
+        this.#waiting.add(wake);
+        signal?.addEventListener('abort', wake, { once: true });
+      });
     }
-    s.active++;
+    if (signal?.aborted) return undefined;
+    this.#active++;
+    let released = false;
     return () => {
-      s.active--;
-      s.waiting.shift()?.();
+      if (released) return;
+      released = true;
+      this.#active--;
+      const next = this.#waiting.values().next().value;
+      next?.();
     };
   }
+}
+
+/** Shutdown: back to the queue, not counted as an attempt (the queue runner sees the abort). */
+function interrupted(): GraphVerdict & { response: string; enhanced: string } & DeliveryOutcome {
+  const e = deliveryError('INTERRUPTED');
+  return { status: 'deferred', code: null, enhanced: e.enhanced, response: e.response };
 }
 
 /** Retry-After in seconds or as an HTTP date, in ms from now. */
@@ -384,22 +460,31 @@ async function readAll(stream: Readable): Promise<Buffer> {
 
 /**
  * The MIME to give Graph for these recipients: envelope recipients the header fields do not name
- * are added in a Bcc field (Exchange removes it from what recipients see); a header recipient
- * that is not among them makes the message unsendable this way.
+ * are added in a Bcc field (Exchange removes it from what recipients see), merged with one the
+ * message has, since a second Bcc field might be ignored; a header recipient that is not among
+ * them makes the message unsendable this way. Addresses are read as UTF-8 (RFC 6532); the rest of
+ * the header section is kept byte for byte.
  */
 export function withEnvelopeRecipients(mime: Buffer, recipients: string[]): { mime: Buffer } | { stranger: string } {
   const end = headerEnd(mime);
-  const header = mime.subarray(0, end).toString('latin1');
+  // "To : x" (a space before the colon) is old syntax, still a To field.
+  const field = /^(to|cc|bcc)[ \t]*:((?:.*)(?:\r?\n[ \t].*)*)/gim;
   const named = new Set<string>();
-  for (const m of header.matchAll(/^(to|cc|bcc):((?:.*)(?:\r?\n[ \t].*)*)/gim)) {
-    for (const a of flatten(addressparser(m[2]!.replace(/\r?\n[ \t]/g, ' ')))) named.add(a.toLowerCase());
+  const bcc: string[] = [];
+  for (const m of mime.subarray(0, end).toString('utf8').matchAll(field)) {
+    for (const a of flatten(addressparser(m[2]!.replace(/\r?\n[ \t]/g, ' ')))) {
+      named.add(a.toLowerCase());
+      if (m[1]!.toLowerCase() === 'bcc') bcc.push(a);
+    }
   }
   const wanted = new Set(recipients.map((r) => r.toLowerCase()));
   for (const address of named) if (!wanted.has(address)) return { stranger: address };
   const extra = recipients.filter((r) => !named.has(r.toLowerCase()));
   if (extra.length === 0) return { mime };
-  const bcc = Buffer.from(`Bcc: ${extra.join(', ')}\r\n`, 'latin1');
-  return { mime: Buffer.concat([bcc, mime]) };
+  const line = Buffer.from(`Bcc: ${[...bcc, ...extra].join(', ')}\r\n`, 'utf8');
+  if (bcc.length === 0) return { mime: Buffer.concat([line, mime]) };
+  const rest = mime.subarray(0, end).toString('latin1').replace(/^bcc[ \t]*:.*(?:\r?\n[ \t].*)*(?:\r?\n|$)/gim, '');
+  return { mime: Buffer.concat([line, Buffer.from(rest, 'latin1'), mime.subarray(end)]) };
 }
 
 function flatten(list: ReturnType<typeof addressparser>): string[] {
@@ -418,7 +503,17 @@ function headerEnd(mime: Buffer): number {
 
 const text = (a: AddressObject | AddressObject[] | undefined) => (a ? (Array.isArray(a) ? a.map((x) => x.text).join(', ') : a.text) : undefined);
 
-/** The message with its header fields and text, without attachments (they go separately). */
+/** Fields the composer writes itself from the parsed message. */
+const COMPOSED_FIELDS = new Set([
+  'from', 'to', 'cc', 'bcc', 'reply-to', 'subject', 'date', 'message-id', 'in-reply-to', 'references',
+  'mime-version', 'content-type', 'content-transfer-encoding', 'content-disposition', 'content-id',
+]);
+
+/**
+ * The message with its header fields and text, without attachments (they go separately). It is
+ * rebuilt, so a DKIM signature or an S/MIME signature over the original does not survive: such
+ * messages need SMTP.
+ */
 function composeWithoutAttachments(parsed: Awaited<ReturnType<typeof simpleParser>>): Promise<Buffer> {
   const composer = new MailComposer({
     ...(text(parsed.from) ? { from: text(parsed.from) } : {}),
@@ -433,6 +528,10 @@ function composeWithoutAttachments(parsed: Awaited<ReturnType<typeof simpleParse
     ...(parsed.references ? { references: parsed.references } : {}),
     ...(parsed.text ? { text: parsed.text } : {}),
     ...(parsed.html ? { html: parsed.html } : {}),
+    // Every other header field as it was (Sender, Auto-Submitted, List-*, X-*...).
+    headers: parsed.headerLines
+      .filter((h) => !COMPOSED_FIELDS.has(h.key))
+      .map((h) => ({ key: h.line.slice(0, h.line.indexOf(':')).trim(), value: { prepared: true, value: h.line.slice(h.line.indexOf(':') + 1).trim() } })),
   });
   return new Promise((resolve, reject) => {
     // keepBcc: Graph takes the recipients from the fields, Bcc included.

@@ -10,6 +10,8 @@ export interface HttpsOptions {
   /** Per request: connect, send, and the whole answer. */
   timeoutMs: number;
   agent?: https.Agent;
+  /** Aborts the request (Postern shutting down). */
+  signal?: AbortSignal;
 }
 
 export interface HttpsAnswer {
@@ -39,6 +41,7 @@ export function httpsRequest(
         minVersion: 'TLSv1.2',
         ...(options.ca ? { ca: options.ca } : {}),
         ...(options.agent ? { agent: options.agent } : {}),
+        ...(options.signal ? { signal: options.signal } : {}),
       },
       (response) => {
         const chunks: Buffer[] = [];

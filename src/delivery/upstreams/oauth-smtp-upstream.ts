@@ -128,12 +128,13 @@ export class OAuthSmtpUpstreamTarget implements DeliveryTarget {
       this.#limits.settle(mailbox, job.queueId, this.#now());
     }
     if (results.some((r) => r.status === 'delivered')) this.#holds.recovered(mailbox, startedAt);
-    // A setup that failed on the configuration (token refused, AUTH refused) says so on every
-    // recipient it left deferred.
-    const setupProblem = this.#holds.problemSince(mailbox, startedAt);
     return results.map((result) => {
-      const read = this.#read(result, mailbox, job.sender);
-      return setupProblem && read.status === 'deferred' && !read.configurationProblem && !read.retryAt ? { ...read, configurationProblem: setupProblem } : read;
+      // A refused login (tagged by the setup) is named the provider's way: smtp_auth_disabled...
+      if (result.configurationProblem === 'auth_refused') {
+        const verdict = this.#spec.classify(result, { mailbox, sender: job.sender });
+        return verdict?.action === 'configuration' ? { ...result, status: 'deferred', configurationProblem: verdict.problem } : result;
+      }
+      return result.configurationProblem ? result : this.#read(result, mailbox, job.sender);
     });
   }
 

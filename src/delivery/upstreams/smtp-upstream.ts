@@ -107,11 +107,10 @@ export class SmtpUpstreamTarget implements DeliveryTarget {
     const startedAt = this.#now();
     const results = await this.#inner.deliver(job);
     if (results.some((r) => r.status === 'delivered')) this.#holds.recovered('', startedAt);
-    const setupProblem = this.#holds.problemSince('', startedAt);
     let problem: 'auth_required' | 'relay_denied' | undefined;
     const classified = results.map((result) => {
       const reason = configurationReply(result);
-      if (!reason) return result.status === 'deferred' && setupProblem ? { ...result, configurationProblem: setupProblem } : result;
+      if (!reason) return result;
       problem ??= reason;
       return { ...result, status: 'deferred' as const, configurationProblem: reason };
     });

@@ -28,8 +28,6 @@ export class UpstreamHolds {
   readonly #holds = new Map<string, Hold>();
   /** Problems logged and not yet cleared by a success, by scope: "problem reply". */
   readonly #logged = new Map<string, string>();
-  /** The last configuration problem seen per scope, and when: see problemSince(). */
-  readonly #lastProblem = new Map<string, { problem: string; at: number }>();
 
   readonly #events: SecurityEventSink | undefined;
 
@@ -83,7 +81,6 @@ export class UpstreamHolds {
   /** Logs a configuration problem, once per scope until it changes or a delivery succeeds. */
   problem(scope: string, problem: string, failure: DeliveryOutcome, advice: string, fields: Record<string, unknown> = {}): void {
     const key = scope.toLowerCase();
-    this.#lastProblem.set(key, { problem, at: this.#now() });
     const signature = `${problem} ${failure.response}`;
     if (this.#logged.get(key) === signature) return;
     this.#logged.set(key, signature);
@@ -109,18 +106,6 @@ export class UpstreamHolds {
   }
 
   /**
-   * The configuration problem found for `scope` (or the whole upstream) since `startedAt`: what
-   * made a delivery that started then fail, for the results to say so (and a fallback to act).
-   */
-  problemSince(scope: string, startedAt: number): string | undefined {
-    for (const key of ['', scope.toLowerCase()]) {
-      const last = this.#lastProblem.get(key);
-      if (last && last.at >= startedAt) return last.problem;
-    }
-    return undefined;
-  }
-
-  /**
    * A delivery through `scope` that started at `startedAt` succeeded: holds that began before it
    * (and the whole upstream's) end. One that began while it ran stays: a connection logged in
    * before the credentials broke proves nothing about them.
@@ -134,7 +119,6 @@ export class UpstreamHolds {
     for (const k of keys) {
       this.#holds.delete(k);
       this.#logged.delete(k);
-      this.#lastProblem.delete(k);
     }
     this.#log?.info({ event: 'upstream_recovered', ...(scope ? { mailbox: scope } : {}) }, `upstream ${this.#name} accepts mail again`);
   }
