@@ -21,7 +21,6 @@
 // smtp-server already implements the XOAUTH2 error challenge (onAuth answering { data }), and its
 // final "535 Error: Username and Password not accepted" is rewritten into Gmail's text below.
 import { randomInt } from 'node:crypto';
-import type { AddressInfo } from 'node:net';
 import type { SMTPServerAuthentication, SMTPServerAuthenticationResponse, SMTPServerSession } from 'smtp-server';
 import type { SMTPConnection } from 'smtp-server/lib/smtp-connection.js';
 import { GMAIL_SCOPE } from './google-token-endpoint.js';
@@ -87,11 +86,8 @@ export class GmailSmtpStandIn {
     this.#server.on('error', () => undefined);
   }
 
-  async start(): Promise<void> {
-    await new Promise<void>((resolve, reject) => {
-      this.#server.server.once('error', reject);
-      this.#server.listen(0, '127.0.0.1', () => resolve());
-    });
+  start(): Promise<void> {
+    return this.#server.listenLoopback();
   }
 
   get host(): string {
@@ -99,11 +95,11 @@ export class GmailSmtpStandIn {
   }
 
   get port(): number {
-    return (this.#server.server.address() as AddressInfo).port;
+    return this.#server.port;
   }
 
-  async close(): Promise<void> {
-    await new Promise<void>((resolve) => this.#server.close(() => resolve()));
+  close(): Promise<void> {
+    return this.#server.stop();
   }
 
   /** The next `times` matching commands get this reply (see scripted-replies.ts). */

@@ -45,7 +45,6 @@
 // Anything else Exchange may answer (mailbox full, 5.7.68, 430 4.2.0 logon failure…) comes from
 // script(). The greeting, EHLO and the texts of 220/235/250/354/221 are Exchange's own.
 import { randomBytes, randomUUID } from 'node:crypto';
-import type { AddressInfo } from 'node:net';
 import type { SMTPServerAuthentication, SMTPServerSession } from 'smtp-server';
 import type { SMTPConnection } from 'smtp-server/lib/smtp-connection.js';
 import type { IdentityStandIn } from './identity-platform.js';
@@ -192,11 +191,8 @@ export class Office365SmtpStandIn {
     this.#server.on('error', () => undefined);
   }
 
-  async start(): Promise<void> {
-    await new Promise<void>((resolve, reject) => {
-      this.#server.server.once('error', reject);
-      this.#server.listen(0, '127.0.0.1', () => resolve());
-    });
+  start(): Promise<void> {
+    return this.#server.listenLoopback();
   }
 
   get host(): string {
@@ -204,11 +200,11 @@ export class Office365SmtpStandIn {
   }
 
   get port(): number {
-    return (this.#server.server.address() as AddressInfo).port;
+    return this.#server.port;
   }
 
-  async close(): Promise<void> {
-    await new Promise<void>((resolve) => this.#server.close(() => resolve()));
+  close(): Promise<void> {
+    return this.#server.stop();
   }
 
   /** Set-CASMailbox -SmtpClientAuthenticationDisabled $true. */

@@ -54,6 +54,22 @@ export class StandInSmtpServer extends SMTPServer {
   readonly #dialect: Dialect;
   readonly #connections = new Map<string, SMTPConnection>();
 
+  /** Listens on 127.0.0.1, any free port. */
+  async listenLoopback(): Promise<void> {
+    await new Promise<void>((resolve, reject) => {
+      this.server.once('error', reject);
+      this.listen(0, '127.0.0.1', () => resolve());
+    });
+  }
+
+  get port(): number {
+    return (this.server.address() as net.AddressInfo).port;
+  }
+
+  stop(): Promise<void> {
+    return new Promise<void>((resolve) => this.close(() => resolve()));
+  }
+
   constructor(options: SMTPServerOptions, dialect: Dialect) {
     // smtp-server adds no enhanced codes of its own: the dialect writes them all.
     super({ ...options, hideENHANCEDSTATUSCODES: true });
