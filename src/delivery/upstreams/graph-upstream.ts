@@ -26,8 +26,9 @@
 // the tenant and bounces.
 import { Agent } from 'node:https';
 import type { Readable } from 'node:stream';
-import { type AddressObject, type Attachment, simpleParser } from 'mailparser';
-import MailComposer from 'nodemailer/lib/mail-composer';
+// mailparser and MailComposer are loaded when a large message first needs them: 28 MB of RSS
+// that a Postern without a Graph upstream (or without large messages) should not carry.
+import type { AddressObject, Attachment, ParsedMail } from 'mailparser';
 import addressparser from 'nodemailer/lib/addressparser';
 import type { Logger } from '../../observe/logger.js';
 import { deliveryError } from '../delivery-error.js';
@@ -224,6 +225,7 @@ export class GraphUpstreamTarget implements DeliveryTarget {
    */
   async #sendLarge(mailbox: string, mime: Buffer, token: string, signal: AbortSignal | undefined): Promise<HttpsAnswer> {
     const user = `/v1.0/users/${encodeURIComponent(mailbox)}`;
+    const { simpleParser } = await import('mailparser');
     const parsed = await simpleParser(mime, { skipHtmlToText: true, skipTextToHtml: true, skipTextLinks: true, skipImageLinks: true });
     const draftMime = await composeWithoutAttachments(parsed);
     const created = await this.#call('POST', `${user}/messages`, token, { 'content-type': 'text/plain' }, draftMime.toString('base64'), signal);
@@ -514,7 +516,8 @@ const COMPOSED_FIELDS = new Set([
  * rebuilt, so a DKIM signature or an S/MIME signature over the original does not survive: such
  * messages need SMTP.
  */
-function composeWithoutAttachments(parsed: Awaited<ReturnType<typeof simpleParser>>): Promise<Buffer> {
+async function composeWithoutAttachments(parsed: ParsedMail): Promise<Buffer> {
+  const { default: MailComposer } = await import('nodemailer/lib/mail-composer');
   const composer = new MailComposer({
     ...(text(parsed.from) ? { from: text(parsed.from) } : {}),
     ...(text(parsed.to) ? { to: text(parsed.to) } : {}),
