@@ -51,10 +51,17 @@ export interface GraphUpstreamSpec {
   limits: readonly WindowLimit[];
   /** Requests at once, for the whole app (Graph: 4). */
   concurrentRequests: number;
+  /** The app ("tenant/client_id"): upstreams of one app share its request slots. */
+  app: string;
 }
 
 /** MIME up to this size goes in one sendMail request: base64 makes it 3.87 MB, under Graph's 4 MB. */
 const SEND_MAIL_MAX_BYTES = 2_900_000;
+/**
+ * Request slots per app: Graph counts concurrent requests per app, so two [[upstream]] tables for
+ * one app registration (two mailboxes, say) share them.
+ */
+const APP_REQUESTS = new Map<string, Semaphore>();
 /** Large messages are read and parsed in memory: this many at once per upstream (35 MB each, copied twice). */
 const LARGE_AT_ONCE = 2;
 /** Attachments from this size go through an upload session (Graph: 3 MB). */
@@ -78,8 +85,8 @@ export class GraphUpstreamTarget implements DeliveryTarget {
   readonly #holds: UpstreamHolds;
   readonly #limits: SendLimits;
   readonly #agent: Agent;
-  /** Graph requests in progress, and those waiting for a slot. */
-  readonly #requests = new Semaphore();
+  /** Graph requests in progress, and those waiting for a slot: the app's, shared by its upstreams. */
+  readonly #requests: Semaphore;
   /** Large messages being read, parsed and uploaded. */
   readonly #large = new Semaphore();
 
@@ -94,6 +101,12 @@ export class GraphUpstreamTarget implements DeliveryTarget {
     this.#holds = new UpstreamHolds(spec.name, this.#log, this.#now, context.events);
     this.#limits = new SendLimits(spec.limits);
     this.#agent = new Agent({ keepAlive: true, maxSockets: 16 });
+    let requests = APP_REQUESTS.get(spec.app.toLowerCase());
+    if (!requests) {
+      requests = new Semaphore();
+      APP_REQUESTS.set(spec.app.toLowerCase(), requests);
+    }
+    this.#requests = requests;
   }
 
   async deliver(job: DeliveryJob): Promise<RecipientResult[]> {

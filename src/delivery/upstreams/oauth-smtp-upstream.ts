@@ -53,14 +53,13 @@ export interface OAuthSmtpUpstreamSpec {
   classify: ReplyClassifier;
 }
 
-export type OAuthUpstreamContext = UpstreamContext;
 
 export class OAuthSmtpUpstreamTarget implements DeliveryTarget {
   readonly key: string;
   readonly name: string;
   readonly description: string;
   readonly #spec: OAuthSmtpUpstreamSpec;
-  readonly #context: OAuthUpstreamContext;
+  readonly #context: UpstreamContext;
   readonly #log: Logger | undefined;
   readonly #now: () => number;
   readonly #holds: UpstreamHolds;
@@ -68,7 +67,7 @@ export class OAuthSmtpUpstreamTarget implements DeliveryTarget {
   /** One SMTP target (own pool key, own connections) per mailbox, lower case. */
   readonly #mailboxes = new Map<string, SmtpTarget>();
 
-  constructor(spec: OAuthSmtpUpstreamSpec, context: OAuthUpstreamContext) {
+  constructor(spec: OAuthSmtpUpstreamSpec, context: UpstreamContext) {
     this.#spec = spec;
     this.#context = context;
     this.name = spec.name;
@@ -211,7 +210,7 @@ export class OAuthSmtpUpstreamTarget implements DeliveryTarget {
         if (verdict?.action === 'configuration') {
           this.#holds.hold(verdict.hold === 'upstream' ? '' : mailbox, verdict.problem, failure, verdict.advice);
         } else {
-          this.#holds.hold(mailbox, 'auth_refused', failure, `${spec(this.#spec.provider)} refused the login of ${mailbox} with the app's token: check the app's permissions for this mailbox`);
+          this.#holds.hold(mailbox, 'auth_refused', failure, `${providerName(this.#spec.provider)} refused the login of ${mailbox} with the app's token: check the app's permissions for this mailbox`);
         }
         return;
       }
@@ -238,7 +237,7 @@ export class OAuthSmtpUpstreamTarget implements DeliveryTarget {
   }
 }
 
-function spec(provider: string): string {
+function providerName(provider: string): string {
   return provider === 'google' ? 'Google' : 'Microsoft 365';
 }
 

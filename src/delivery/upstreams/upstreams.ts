@@ -109,6 +109,7 @@ function createTarget(upstream: UpstreamConfig, context: UpstreamContext, env: N
             mailbox: upstream.mailbox,
             limits: windowLimits(upstream.limits),
             concurrentRequests: upstream.limits.connections,
+            app: `${upstream.tenant}/${upstream.client_id}`,
           },
           context,
         );
