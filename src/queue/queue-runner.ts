@@ -202,14 +202,9 @@ export class QueueRunner {
         this.#log.error({ event: 'delivery_error', queueId: message.queueId, err: (err as Error).message }, 'delivery round failed');
         // A local fault (store error, bug) must not leave the recipients in flight until restart.
         const later = this.#now() + this.#config.queue.first_retry;
-        const release = message.recipients.map<RecipientOutcome>((r) => ({
-          index: r.index,
-          state: 'queued',
-          code: r.lastCode,
-          response: r.lastResponse ?? deliveryError('INTERNAL', { reason: (err as Error).message }).response,
-          nextAttemptAt: later,
-          countsAsAttempt: false,
-        }));
+        const release = message.recipients.map((r) =>
+          notTried(r, r.lastResponse ?? deliveryError('INTERNAL', { reason: (err as Error).message }).response, later),
+        );
         await this.#store.recordOutcomes(message.queueId, release, this.#now()).catch(() => undefined);
       })
       .finally(() => {
@@ -321,16 +316,7 @@ export class QueueRunner {
     }
     if (result.status === 'deferred' && aborted) {
       // Shutdown, not the destination's fault: back in the queue, not counted as an attempt.
-      return {
-        outcome: {
-          index: r.index,
-          state: 'queued',
-          code: r.lastCode,
-          response: r.lastResponse ?? deliveryError('INTERRUPTED').response,
-          nextAttemptAt: now,
-          countsAsAttempt: false,
-        },
-      };
+      return { outcome: notTried(r, r.lastResponse ?? deliveryError('INTERRUPTED').response, now) };
     }
     if (result.status === 'failed') {
       return {
@@ -348,16 +334,7 @@ export class QueueRunner {
     if (result.waitUntil !== undefined && result.waitUntil <= message.expiresAt) {
       // Held back by the target's own sending limits, not tried: back in the queue for its slot,
       // without counting an attempt (the response says what it waits for).
-      return {
-        outcome: {
-          index: r.index,
-          state: 'queued',
-          code: r.lastCode,
-          response: result.response,
-          nextAttemptAt: Math.max(result.waitUntil, now),
-          countsAsAttempt: false,
-        },
-      };
+      return { outcome: notTried(r, result.response, Math.max(result.waitUntil, now)) };
     }
     if (result.waitUntil !== undefined) {
       // Its turn under the upstream's sending limit comes after the message expires.
@@ -447,6 +424,11 @@ export class QueueRunner {
     else if (event === 'released') this.#log.info(line, 'delivery interrupted; queued again');
     else this.#log.warn(line, event === 'deferred' ? 'deferred' : 'delivery failed');
   }
+}
+
+/** Back in the queue at `at`, not counted as an attempt, its last reply code kept. */
+function notTried(r: QueuedRecipient, response: string, at: number): RecipientOutcome {
+  return { index: r.index, state: 'queued', code: r.lastCode, response, nextAttemptAt: at, countsAsAttempt: false };
 }
 
 /** The human sentence for a bounce: who refused it, or what Postern found. */

@@ -588,12 +588,8 @@ export class GraphStandIn {
     if (type !== 'application/json') {
       return this.#error(ctx, 415, 'UnsupportedMediaType', 'Use application/json for a JSON object and text/plain for MIME content.');
     }
-    let json: unknown;
-    try {
-      json = JSON.parse(body.toString('utf8'));
-    } catch {
-      return this.#error(ctx, 400, 'BadRequest', GRAPH_ERRORS.unreadableJson);
-    }
+    const json = parseJson(body);
+    if (json === unreadable) return this.#error(ctx, 400, 'BadRequest', GRAPH_ERRORS.unreadableJson);
     if (!isObject(json)) return this.#error(ctx, 400, 'BadRequest', GRAPH_ERRORS.unreadableJson);
     // sendMail wraps the message ({ message, saveToSentItems }); Create message is the message.
     const message = sendMail ? json.message : json;
@@ -666,12 +662,8 @@ export class GraphStandIn {
   #addAttachment(body: Buffer, ctx: Context, mailbox: string, draftId: string): Answer {
     const draft = this.#draftOf(mailbox, draftId);
     if (!draft) return this.#error(ctx, 404, 'ErrorItemNotFound', GRAPH_ERRORS.itemNotFound);
-    let json: unknown;
-    try {
-      json = JSON.parse(body.toString('utf8'));
-    } catch {
-      return this.#error(ctx, 400, 'BadRequest', GRAPH_ERRORS.unreadableJson);
-    }
+    const json = parseJson(body);
+    if (json === unreadable) return this.#error(ctx, 400, 'BadRequest', GRAPH_ERRORS.unreadableJson);
     const attachment = isObject(json) ? fileAttachmentOf(json, 'post') : undefined;
     if (!attachment) return this.#error(ctx, 400, 'ErrorInvalidRequest', 'Only file attachments with a name and base64 contentBytes are supported here.');
     if (this.#draftSize(draft, attachment.bytes.length) > this.#maxMessageBytes) {
@@ -700,12 +692,8 @@ export class GraphStandIn {
   #createUploadSession(body: Buffer, ctx: Context, mailbox: string, appId: string | undefined, draftId: string): Answer {
     const draft = this.#draftOf(mailbox, draftId);
     if (!draft) return this.#error(ctx, 404, 'ErrorItemNotFound', GRAPH_ERRORS.itemNotFound);
-    let json: unknown;
-    try {
-      json = JSON.parse(body.toString('utf8'));
-    } catch {
-      return this.#error(ctx, 400, 'BadRequest', GRAPH_ERRORS.unreadableJson);
-    }
+    const json = parseJson(body);
+    if (json === unreadable) return this.#error(ctx, 400, 'BadRequest', GRAPH_ERRORS.unreadableJson);
     const item = isObject(json) ? json.AttachmentItem : undefined;
     if (!isObject(item) || typeof item.name !== 'string' || !item.name || typeof item.size !== 'number' || !Number.isInteger(item.size) || item.size < 0) {
       return this.#error(ctx, 400, 'ErrorInvalidRequest', 'AttachmentItem needs at least attachmentType, name and size.');
@@ -1126,4 +1114,15 @@ function graphDate(date: Date): string {
 /** "2019-09-25T01:09:30.7671707Z", how Outlook writes an upload session's expiry. */
 function outlookDate(ms: number): string {
   return new Date(ms).toISOString().replace(/\.(\d{3})Z$/, '.$10000Z');
+}
+
+/** What parseJson gives for a body that is not JSON. */
+const unreadable = Symbol('unreadable');
+
+function parseJson(body: Buffer): unknown {
+  try {
+    return JSON.parse(body.toString('utf8')) as unknown;
+  } catch {
+    return unreadable;
+  }
 }

@@ -6,8 +6,8 @@
 //   - an RSA certificate for an Entra app registration (client assertions are RS256 or PS256,
 //     so the key must be RSA).
 //
-// EC P-256 for the TLS certificates, as test/helpers/upstream-server.ts's makeTestCa and
-// Postern's own certificate: handshakes are cheap, which the bench cares about.
+// EC P-256 for the TLS certificates, as Postern's own certificate: handshakes are cheap, which the
+// bench cares about. The CA is also the tests' private CA (test/helpers/upstream-server.ts).
 import { generate } from 'selfsigned';
 
 export interface StandInTls {
@@ -27,11 +27,18 @@ export const STANDIN_HOST_NAMES = [
   'smtp.gmail.com',
 ];
 
-/** A private CA and one server certificate for `names` (DNS names and IP addresses), valid two days. */
-export async function makeStandInTls(names: string[] = STANDIN_HOST_NAMES): Promise<StandInTls> {
+export interface PrivateCa {
+  cert: string;
+  key: string;
+  /** A server certificate signed by this CA for `names` (DNS names and IP addresses). */
+  issue(names: string[]): Promise<{ cert: string; key: string }>;
+}
+
+/** A private CA valid two days (from a minute ago, for clock skew), the kind an organisation runs. */
+export async function makePrivateCa(commonName: string): Promise<PrivateCa> {
   const notBeforeDate = new Date(Date.now() - 60_000);
   const notAfterDate = new Date(Date.now() + 2 * 86_400_000);
-  const ca = await generate([{ name: 'commonName', value: 'Postern Stand-in CA' }], {
+  const ca = await generate([{ name: 'commonName', value: commonName }], {
     keyType: 'ec',
     curve: 'P-256',
     algorithm: 'sha256',
@@ -42,24 +49,36 @@ export async function makeStandInTls(names: string[] = STANDIN_HOST_NAMES): Prom
       { name: 'keyUsage', keyCertSign: true, cRLSign: true, digitalSignature: true, critical: true },
     ],
   });
-  const leaf = await generate([{ name: 'commonName', value: names[0] ?? 'localhost' }], {
-    keyType: 'ec',
-    curve: 'P-256',
-    algorithm: 'sha256',
-    notBeforeDate,
-    notAfterDate,
-    ca: { key: ca.private, cert: ca.cert },
-    extensions: [
-      { name: 'basicConstraints', cA: false },
-      { name: 'keyUsage', digitalSignature: true, keyEncipherment: true },
-      { name: 'extKeyUsage', serverAuth: true },
-      {
-        name: 'subjectAltName',
-        altNames: names.map((n) => (/^[\d.]+$|:/.test(n) ? { type: 7 as const, ip: n } : { type: 2 as const, value: n })),
-      },
-    ],
-  });
-  return { ca: ca.cert, cert: leaf.cert, key: leaf.private };
+  return {
+    cert: ca.cert,
+    key: ca.private,
+    async issue(names) {
+      const leaf = await generate([{ name: 'commonName', value: names[0] ?? 'localhost' }], {
+        keyType: 'ec',
+        curve: 'P-256',
+        algorithm: 'sha256',
+        notBeforeDate,
+        notAfterDate,
+        ca: { key: ca.private, cert: ca.cert },
+        extensions: [
+          { name: 'basicConstraints', cA: false },
+          { name: 'keyUsage', digitalSignature: true, keyEncipherment: true },
+          { name: 'extKeyUsage', serverAuth: true },
+          {
+            name: 'subjectAltName',
+            altNames: names.map((n) => (/^[\d.]+$|:/.test(n) ? { type: 7 as const, ip: n } : { type: 2 as const, value: n })),
+          },
+        ],
+      });
+      return { cert: leaf.cert, key: leaf.private };
+    },
+  };
+}
+
+/** A private CA and one server certificate for `names`, which every stand-in presents. */
+export async function makeStandInTls(names: string[] = STANDIN_HOST_NAMES): Promise<StandInTls> {
+  const ca = await makePrivateCa('Postern Stand-in CA');
+  return { ca: ca.cert, ...(await ca.issue(names)) };
 }
 
 /** A self-signed RSA-2048 certificate and its key, as uploaded to an app registration. */

@@ -9,7 +9,7 @@
 // DNS, and a short close timeout.
 import type { AddressInfo } from 'node:net';
 import type { Readable } from 'node:stream';
-import { generate } from 'selfsigned';
+import { type PrivateCa, makePrivateCa } from '../../src/standins/standin-certificates.js';
 import { SMTPServer, type SMTPServerAuthentication, type SMTPServerSession } from 'smtp-server';
 
 export interface UpstreamReply {
@@ -142,47 +142,9 @@ export class UpstreamServer {
   }
 }
 
-export interface TestCa {
-  cert: string;
-  key: string;
-  /** A server certificate signed by this CA for `names` (DNS names and IP addresses). */
-  issue(names: string[]): Promise<{ cert: string; key: string }>;
-}
+export type TestCa = PrivateCa;
 
 /** A private CA, the kind an organisation runs for its internal mail relay. */
-export async function makeTestCa(commonName = 'Postern Test CA'): Promise<TestCa> {
-  const notAfterDate = new Date(Date.now() + 2 * 86_400_000);
-  const ca = await generate([{ name: 'commonName', value: commonName }], {
-    keyType: 'ec',
-    curve: 'P-256',
-    algorithm: 'sha256',
-    notAfterDate,
-    extensions: [
-      { name: 'basicConstraints', cA: true, critical: true },
-      { name: 'keyUsage', keyCertSign: true, cRLSign: true, digitalSignature: true, critical: true },
-    ],
-  });
-  return {
-    cert: ca.cert,
-    key: ca.private,
-    async issue(names) {
-      const leaf = await generate([{ name: 'commonName', value: names[0]! }], {
-        keyType: 'ec',
-        curve: 'P-256',
-        algorithm: 'sha256',
-        notAfterDate,
-        ca: { key: ca.private, cert: ca.cert },
-        extensions: [
-          { name: 'basicConstraints', cA: false },
-          { name: 'keyUsage', digitalSignature: true, keyEncipherment: true },
-          { name: 'extKeyUsage', serverAuth: true },
-          {
-            name: 'subjectAltName',
-            altNames: names.map((n) => (/^[\d.]+$|:/.test(n) ? { type: 7 as const, ip: n } : { type: 2 as const, value: n })),
-          },
-        ],
-      });
-      return { cert: leaf.cert, key: leaf.private };
-    },
-  };
+export function makeTestCa(commonName = 'Postern Test CA'): Promise<TestCa> {
+  return makePrivateCa(commonName);
 }

@@ -36,9 +36,10 @@ import type { DeliveryJob, DeliveryOutcome, DeliveryTarget, RecipientResult } fr
 import { TokenFailure } from '../smtp-session.js';
 import { type HttpsAnswer, httpsRequest, jsonBody } from './https-client.js';
 import type { TokenSource } from './oauth2-tokens.js';
-import { SendLimits, type WindowLimit } from './send-limits.js';
+import { MailboxGate, type Outcome, forAll } from './mailbox-gate.js';
+import type { WindowLimit } from './send-limits.js';
 import type { UpstreamContext } from './smtp-upstream.js';
-import { UpstreamHolds } from './upstream-holds.js';
+import type { UpstreamHolds } from './upstream-holds.js';
 
 export interface GraphUpstreamSpec {
   name: string;
@@ -82,8 +83,8 @@ export class GraphUpstreamTarget implements DeliveryTarget {
   readonly #timeoutMs: number;
   readonly #log: Logger | undefined;
   readonly #now: () => number;
+  readonly #gate: MailboxGate;
   readonly #holds: UpstreamHolds;
-  readonly #limits: SendLimits;
   readonly #agent: Agent;
   /** Graph requests in progress, and those waiting for a slot: the app's, shared by its upstreams. */
   readonly #requests: Semaphore;
@@ -98,8 +99,8 @@ export class GraphUpstreamTarget implements DeliveryTarget {
     this.#timeoutMs = context.connectTimeout + context.commandTimeout * 4;
     this.#log = context.logger?.child({ component: 'upstream', upstream: spec.name });
     this.#now = context.now ?? Date.now;
-    this.#holds = new UpstreamHolds(spec.name, this.#log, this.#now, context.events);
-    this.#limits = new SendLimits(spec.limits);
+    this.#gate = new MailboxGate({ name: spec.name, mailbox: spec.mailbox, limits: spec.limits, log: this.#log, now: this.#now, events: context.events });
+    this.#holds = this.#gate.holds;
     this.#agent = new Agent({ keepAlive: true, maxSockets: 16 });
     let requests = APP_REQUESTS.get(spec.app.toLowerCase());
     if (!requests) {
@@ -110,15 +111,10 @@ export class GraphUpstreamTarget implements DeliveryTarget {
   }
 
   async deliver(job: DeliveryJob): Promise<RecipientResult[]> {
-    const all = (outcome: DeliveryOutcome & Pick<RecipientResult, 'waitUntil' | 'retryAt' | 'configurationProblem'>) => job.recipients.map((r) => ({ ...outcome, index: r.index }));
-    const mailbox = this.#spec.mailbox ?? job.sender;
-    if (!mailbox) {
-      const failure = deliveryError('NO_MAILBOX', { destination: `upstream ${this.name}` }).toOutcome();
-      this.#holds.problem('', 'no_mailbox', failure, 'mail from the null sender (bounces Postern sends) has no mailbox to send as: set mailbox on this upstream');
-      return all({ ...failure, configurationProblem: 'no_mailbox' });
-    }
-    const held = this.#holds.held(mailbox);
-    if (held) return all(held);
+    const all = (outcome: Outcome) => forAll(job, outcome);
+    const opened = this.#gate.open(job);
+    if ('results' in opened) return opened.results;
+    const { mailbox } = opened;
 
     // A large message is held in memory while it is parsed and uploaded: a few at a time.
     const releaseLarge = job.size > SEND_MAIL_MAX_BYTES ? await this.#large.take(LARGE_AT_ONCE, job.signal) : () => {};
@@ -133,7 +129,7 @@ export class GraphUpstreamTarget implements DeliveryTarget {
   async #deliverRead(
     job: DeliveryJob,
     mailbox: string,
-    all: (outcome: DeliveryOutcome & Pick<RecipientResult, 'waitUntil' | 'retryAt' | 'configurationProblem'>) => RecipientResult[],
+    all: (outcome: Outcome) => RecipientResult[],
   ): Promise<RecipientResult[]> {
     let prepared: ReturnType<typeof withEnvelopeRecipients>;
     try {
@@ -150,19 +146,14 @@ export class GraphUpstreamTarget implements DeliveryTarget {
     const small = prepared.mime.length <= SEND_MAIL_MAX_BYTES;
     const requests = small ? 1 : 3 + Math.ceil(prepared.mime.length / UPLOAD_CHUNK_BYTES);
     const recipients = new Set(job.recipients.map((r) => r.address.toLowerCase())).size;
-    const admission = this.#limits.admit(mailbox, job.queueId, recipients, this.#now(), requests);
-    if (!admission.go) {
-      return all({
-        ...deliveryError('THROTTLED', { destination: `upstream ${this.name}`, limit: `${mailbox} may make ${admission.limit.label}`, until: new Date(admission.at).toISOString() }).toOutcome(),
-        waitUntil: admission.at,
-      });
-    }
+    const waiting = await this.#gate.turn(job, mailbox, recipients, requests);
+    if (waiting) return waiting;
     const startedAt = this.#now();
     let verdict: GraphVerdict & { response: string; enhanced: string };
     try {
       verdict = await this.#send(mailbox, prepared.mime, small, job.signal);
     } finally {
-      this.#limits.settle(mailbox, job.queueId, this.#now());
+      this.#gate.settle(mailbox, job);
     }
     const where = { remoteMta: new URL(this.#spec.graphUrl).host };
     if (verdict.status === 'delivered') {

@@ -14,18 +14,17 @@
 //      logged in with the app's token (cached and refreshed in oauth2-tokens.ts).
 //   5. The replies, read the provider's way (provider-replies.ts): throttling waits, problems an
 //      administrator must fix are deferred and logged with the fix, never bounced.
-import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from '../../observe/logger.js';
-import { deliveryError } from '../delivery-error.js';
 import type { DeliveryJob, DeliveryOutcome, DeliveryTarget, RecipientResult } from '../delivery-target.js';
 import type { SetupProblem } from '../smtp-session.js';
 import { SmtpTarget } from '../smtp-target.js';
 import { hostPortLabel, resolveStaticHost } from '../static-host.js';
 import type { TokenSource } from './oauth2-tokens.js';
 import type { ReplyClassifier } from './provider-replies.js';
-import { type BudgetWarning, SendLimits, type WindowLimit } from './send-limits.js';
+import { MailboxGate } from './mailbox-gate.js';
+import type { WindowLimit } from './send-limits.js';
 import type { UpstreamContext } from './smtp-upstream.js';
-import { UpstreamHolds } from './upstream-holds.js';
+import type { UpstreamHolds } from './upstream-holds.js';
 
 export interface OAuthSmtpUpstreamSpec {
   name: string;
@@ -62,8 +61,8 @@ export class OAuthSmtpUpstreamTarget implements DeliveryTarget {
   readonly #context: UpstreamContext;
   readonly #log: Logger | undefined;
   readonly #now: () => number;
+  readonly #gate: MailboxGate;
   readonly #holds: UpstreamHolds;
-  readonly #limits: SendLimits;
   /** One SMTP target (own pool key, own connections) per mailbox, lower case. */
   readonly #mailboxes = new Map<string, SmtpTarget>();
 
@@ -75,56 +74,25 @@ export class OAuthSmtpUpstreamTarget implements DeliveryTarget {
     this.description = `upstream ${spec.name} (${hostPortLabel(spec.host, spec.port)})`;
     this.#log = context.logger?.child({ component: 'upstream', upstream: spec.name });
     this.#now = context.now ?? Date.now;
-    this.#holds = new UpstreamHolds(spec.name, this.#log, this.#now, context.events);
-    this.#limits = new SendLimits(spec.limits, (w) => this.#budgetWarning(w));
+    this.#gate = new MailboxGate({ name: spec.name, mailbox: spec.mailbox, limits: spec.limits, log: this.#log, now: this.#now, events: context.events });
+    this.#holds = this.#gate.holds;
   }
 
   async deliver(job: DeliveryJob): Promise<RecipientResult[]> {
-    const all = (outcome: DeliveryOutcome & Pick<RecipientResult, 'waitUntil' | 'retryAt'>) => job.recipients.map((r) => ({ ...outcome, index: r.index }));
-    const mailbox = this.#spec.mailbox ?? job.sender;
-    if (!mailbox) {
-      const failure = deliveryError('NO_MAILBOX', { destination: `upstream ${this.name}` }).toOutcome();
-      this.#holds.problem('', 'no_mailbox', failure, `mail from the null sender (bounces Postern sends) has no mailbox to send as: set mailbox = "postmaster@your-domain" on this upstream, or route bounces elsewhere`);
-      return all({ ...failure, configurationProblem: 'no_mailbox' });
-    }
-    const held = this.#holds.held(mailbox);
-    if (held) {
-      this.#limits.cancel(mailbox, job.queueId);
-      return all(held);
-    }
-
+    const opened = this.#gate.open(job);
+    if ('results' in opened) return opened.results;
+    const { mailbox } = opened;
     const recipients = new Set(job.recipients.map((r) => r.address.toLowerCase())).size;
     const transactions = Math.max(1, Math.ceil(recipients / this.#spec.recipientsPerMessage));
-    const admit = () => this.#limits.admit(mailbox, job.queueId, recipients, this.#now(), transactions);
-    let admission = admit();
-    // A short wait (a slot moved by the delivery latency of the messages before it) is waited
-    // here; a long one goes back to the queue with its slot.
-    for (let tries = 0; !admission.go && admission.at - this.#now() <= this.#limits.shortWaitMs && tries < 5; tries++) {
-      const aborted = await sleep(Math.max(0, admission.at - this.#now()), undefined, job.signal ? { signal: job.signal } : undefined).then(
-        () => false,
-        () => true,
-      );
-      if (aborted) {
-        this.#limits.cancel(mailbox, job.queueId);
-        return all(deliveryError('INTERRUPTED').toOutcome());
-      }
-      admission = admit();
-    }
-    if (!admission.go) {
-      const limit = `${mailbox} may send ${admission.limit.label}`;
-      return all({
-        ...deliveryError('THROTTLED', { destination: `upstream ${this.name}`, limit, until: new Date(admission.at).toISOString() }).toOutcome(),
-        waitUntil: admission.at,
-      });
-    }
+    const waiting = await this.#gate.turn(job, mailbox, recipients, transactions);
+    if (waiting) return waiting;
 
     const startedAt = this.#now();
     let results: RecipientResult[];
     try {
       results = await this.#targetFor(mailbox).deliver(job);
     } finally {
-      // Counted from when it reached the provider (or failed to): see send-limits.ts.
-      this.#limits.settle(mailbox, job.queueId, this.#now());
+      this.#gate.settle(mailbox, job);
     }
     if (results.some((r) => r.status === 'delivered')) this.#holds.recovered(mailbox, startedAt);
     return results.map((result) => {
@@ -226,15 +194,6 @@ export class OAuthSmtpUpstreamTarget implements DeliveryTarget {
     }
   }
 
-  #budgetWarning(w: BudgetWarning): void {
-    const message = `upstream ${this.name}: ${w.identity} has used ${w.used} of ${w.limit.label} (80% or more); mail over the limit waits for the window to move on`;
-    this.#log?.warn({ event: 'upstream_budget', mailbox: w.identity, used: w.used, limit: w.limit.limit, unit: w.limit.unit }, message);
-    void this.#context.events?.record({
-      kind: 'upstream_budget',
-      account: w.identity.toLowerCase(),
-      detail: { message, upstream: this.name, used: w.used, limit: w.limit.limit, unit: w.limit.unit },
-    });
-  }
 }
 
 function providerName(provider: string): string {
