@@ -59,6 +59,8 @@ export interface IdleFigures {
   rssWithIdleBytes: number;
   /** Lowest VmRSS in the 2 s the connections were held (after a collection, say). */
   rssWithIdleLowestBytes: number;
+  /** Where the RSS was at the end of the 2 s (anonymous, file-backed, the main thread's malloc heap). */
+  breakdown?: { anon: number; file: number; mallocHeap: number };
 }
 
 /** VmRSS of a server while it receives one message just under max_message_size. */
@@ -322,7 +324,7 @@ export function formatReport(results: BenchResults, jsonFile: string): string {
   if (results.idle.length) {
     out.push(
       table(
-        ['server', 'phase', 'RSS before', 'RSS with idle conns (max)', '(lowest held)', 'greeted'],
+        ['server', 'phase', 'RSS before', 'RSS with idle conns (max)', '(lowest held)', 'greeted', 'anon/file/malloc heap'],
         results.idle.map((x) => [
           x.server,
           x.phase,
@@ -330,6 +332,7 @@ export function formatReport(results: BenchResults, jsonFile: string): string {
           mb(x.rssWithIdleBytes),
           mb(x.rssWithIdleLowestBytes),
           `${x.greeted}/${x.connections}`,
+          x.breakdown ? `${mb(x.breakdown.anon)} / ${mb(x.breakdown.file)} / ${mb(x.breakdown.mallocHeap)}` : '-',
         ]),
       ),
     );

@@ -31,6 +31,30 @@ export function readMemory(pid: number): MemoryReading | undefined {
   return { rss: kb('VmRSS'), peak: kb('VmHWM') };
 }
 
+/**
+ * Where the resident memory is, from /proc/<pid>/status and smaps: anonymous memory (JS heaps,
+ * malloc, buffers), file-backed pages (code, the node binary, shared libraries), and of the
+ * anonymous part the main thread's glibc heap (`[heap]`, where most malloc'd buffers of the main
+ * thread live; the V8 heap and other threads' arenas are separate anonymous mappings).
+ */
+export interface MemoryBreakdown {
+  anon: number;
+  file: number;
+  mallocHeap: number;
+}
+
+export function readMemoryBreakdown(pid: number): MemoryBreakdown | undefined {
+  try {
+    const status = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
+    const kb = (field: string) => Number(new RegExp(`^${field}:\\s+(\\d+) kB`, 'm').exec(status)?.[1] ?? 0) * 1024;
+    const smaps = fs.readFileSync(`/proc/${pid}/smaps`, 'utf8');
+    const heap = /\[heap\]\n(?:.*\n)*?Rss:\s+(\d+) kB/.exec(smaps);
+    return { anon: kb('RssAnon'), file: kb('RssFile') + kb('RssShmem'), mallocHeap: heap ? Number(heap[1]) * 1024 : 0 };
+  } catch {
+    return undefined;
+  }
+}
+
 /** CPU seconds (all threads) the process has used so far: user + system, and system alone. */
 export function readCpuSeconds(pid: number): { total: number; system: number } {
   try {

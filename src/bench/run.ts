@@ -47,7 +47,7 @@ import {
 import { openIdleConnections } from './idle-connections.js';
 import { PosternProcess } from './postern-process.js';
 import { formatUpstreamFigures, runUpstreamBench } from './upstream-bench.js';
-import { CpuMeter, RssSampler, cpuCheckMs, describeMachine, measureFileCreate, readMemory } from './proc-stats.js';
+import { CpuMeter, RssSampler, cpuCheckMs, describeMachine, measureFileCreate, readMemory, readMemoryBreakdown } from './proc-stats.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -276,7 +276,7 @@ async function main(): Promise<void> {
         }
       }
 
-      if (settings.only === 'all' || settings.only === 'memory') {
+      if (settings.only === 'all' || settings.only === 'memory' || quick) {
         const phase = settings.only === 'memory' ? 'at the end' : 'after load';
         say(`${IDLE_CONNECTIONS} idle connections to postern (${phase})`);
         results.idle.push(await bench.idle('postern', phase, postern.pid, postern.ports.submission));
@@ -437,7 +437,9 @@ class Bench {
 
   /** RSS before and with IDLE_CONNECTIONS greeted, silent TCP connections. */
   async idle(server: string, phase: string, pid: number, port: number): Promise<IdleFigures> {
-    await sleep(1000);
+    // An idle server: Postern gives a burst's memory back once it has been quiet for a whole
+    // second of its 1 s sampling (src/cli/memory-relief.ts), so at most 2 s after the load.
+    await sleep(3000);
     const before = readMemory(pid)?.rss ?? 0;
     // Sampled from the first connection until 2 s after the last greeting: a garbage collection
     // in between can lower RSS, so the highest sample is the figure (the lowest is kept too).
@@ -450,6 +452,7 @@ class Bench {
       lowest = Math.min(lowest, readMemory(pid)?.rss ?? lowest);
     }
     const held = sampler.stop();
+    const breakdown = readMemoryBreakdown(pid);
     await idle.close();
     await sleep(500);
     return {
@@ -461,6 +464,7 @@ class Bench {
       rssBeforeBytes: before,
       rssWithIdleBytes: held.maxRss,
       rssWithIdleLowestBytes: lowest,
+      breakdown,
     };
   }
 

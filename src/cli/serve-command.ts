@@ -7,6 +7,7 @@ import { expiresSoon } from '../intake/tls-material.js';
 import { createLogger } from '../observe/logger.js';
 import { type Postern, startPostern } from '../postern.js';
 import { configFor } from './cli-context.js';
+import { MemoryRelief } from './memory-relief.js';
 import { capYoungGeneration } from './young-generation.js';
 
 /** Young generation cap for the server (both semi-spaces): see young-generation.ts. */
@@ -26,10 +27,13 @@ export function registerServeCommand(program: Command): void {
       });
       const postern = await startPostern(config, logger, { deliveryThread: config.delivery.thread });
       capYoungGeneration(YOUNG_GENERATION_BYTES);
+      const relief = new MemoryRelief({ logger });
+      relief.start();
       process.on('SIGHUP', () => postern.reloadTls());
       process.stderr.write(await summary(postern));
       const signal = await signalled;
       logger.info({ event: 'signal', signal }, `${signal} received`);
+      relief.stop();
       await postern.stop().catch((err: Error) => logger.error({ err: err.message }, 'error while stopping'));
       logger.flush();
     });
