@@ -18,6 +18,11 @@ export interface DiscardServerOptions {
   pass: string;
   /** Largest message accepted, bytes (SIZE). */
   maxSize: number;
+  /**
+   * Set: the durable ceiling. Each message is appended to a SQLite file in this directory and
+   * fsync'd before the 250 (durable-append.ts) instead of being thrown away.
+   */
+  durableDir?: string;
 }
 
 export type ToDiscardServer = { type: 'stats' };

@@ -120,6 +120,11 @@ export function ceilingFor(port: PortKind): string {
   return port === 'submission' ? 'ceiling-tls' : 'ceiling-plain';
 }
 
+/** The durable ceiling for a port: the same server as ceilingFor(), keeping each message on disk. */
+export function durableCeilingFor(port: PortKind): string {
+  return port === 'submission' ? 'ceiling-durable-tls' : 'ceiling-durable-plain';
+}
+
 function find(results: BenchResults, server: string, port: PortKind, mode: 'new' | 'reuse', c: number): ScenarioFigures | undefined {
   return results.scenarios.find((s) => s.server === server && s.port === port && s.mode === mode && s.concurrency === c);
 }
@@ -283,6 +288,37 @@ export function formatReport(results: BenchResults, jsonFile: string): string {
             num(ceil?.messagesPerSecond, 0),
             ceil && ceil.messagesPerSecond > 0 ? pct(s.messagesPerSecond / ceil.messagesPerSecond) : '-',
             full ? `${num(full.messagesPerSecond, 0)}/s` : '-',
+          ];
+        }),
+      ),
+    );
+  }
+
+  const durable = results.scenarios.filter((s) => s.server === durableCeilingFor(s.port));
+  if (durable.length) {
+    out.push(
+      '',
+      'Durable ceiling: the same bare smtp-server, each message appended to SQLite and its WAL fsync\'d',
+      'before the 250 (group commit, fsync on the thread pool: src/bench/durable-append.ts); not a target:',
+    );
+    out.push(
+      table(
+        ['port, mode', 'c', 'durable/s', 'txn p50', 'CPU srv(sys)/cli/oth', 'ceiling/s', 'durable/ceiling', 'Postern/s', 'Postern/durable'],
+        durable.map((s) => {
+          const ceil = find(results, ceilingFor(s.port), s.port, s.mode, s.concurrency);
+          const postern = find(results, 'postern', s.port, s.mode, s.concurrency);
+          const ratio = (a: ScenarioFigures | undefined, b: ScenarioFigures | undefined) =>
+            a && b && b.messagesPerSecond > 0 ? pct(a.messagesPerSecond / b.messagesPerSecond) : '-';
+          return [
+            label(s.port, s.mode),
+            String(s.concurrency),
+            num(s.messagesPerSecond, 0),
+            num(s.transactionP50Ms),
+            `${srv(s)}/${s.cpu.client.toFixed(2)}/${s.cpu.other.toFixed(2)}`,
+            num(ceil?.messagesPerSecond, 0),
+            ratio(s, ceil),
+            num(postern?.messagesPerSecond, 0),
+            ratio(postern, s),
           ];
         }),
       ),

@@ -6,6 +6,11 @@
 // Postern's submission port but no store, no logs and no policy: the fastest a Node intake can
 // take mail on this machine, which is what Postern's own figures are divided by.
 //
+// A third role, the durable ceiling (`durableDir` set), keeps each message instead: the body is
+// appended to a SQLite table and fsync'd before the 250 (durable-append.ts), the least any intake
+// that never loses an accepted message must do. Postern's figures divided by it tell what Postern
+// costs beyond durability itself.
+//
 // It runs in its own process so that it does not share an event loop with the load generator,
 // and so that its RSS and CPU time are its own.
 //
@@ -15,8 +20,10 @@ import type { SMTPServerOptions } from 'smtp-server';
 import { SMTPServer } from 'smtp-server';
 import { PosternSmtpServer } from '../intake/postern-smtp-server.js';
 import type { DiscardServerOptions, DiscardStats, FromDiscardServer, ToDiscardServer } from './bench-ipc.js';
+import { DurableAppend } from './durable-append.js';
 
 const options = JSON.parse(process.argv[2] ?? '{}') as DiscardServerOptions;
+const durable = options.durableDir ? await DurableAppend.open(options.durableDir) : undefined;
 const stats: DiscardStats = { messages: 0, bytes: 0, lastAt: 0 };
 
 function send(message: FromDiscardServer): void {
@@ -45,18 +52,24 @@ const serverOptions: SMTPServerOptions = {
     : { authOptional: true, disabledCommands: ['AUTH', 'STARTTLS'] }),
   onData(stream, _session, cb) {
     let bytes = 0;
+    const chunks: Buffer[] = [];
     stream.on('data', (chunk: Buffer) => {
       bytes += chunk.length;
+      if (durable) chunks.push(chunk);
     });
     stream.on('end', () => {
       if (stream.sizeExceeded) {
         cb(Object.assign(new Error('5.3.4 Message too big'), { responseCode: 552 }));
         return;
       }
-      stats.messages++;
-      stats.bytes += bytes;
-      stats.lastAt = Date.now();
-      cb(null, 'Ok: discarded');
+      const accepted = () => {
+        stats.messages++;
+        stats.bytes += bytes;
+        stats.lastAt = Date.now();
+        cb(null, durable ? 'Ok: kept' : 'Ok: discarded');
+      };
+      if (!durable) return accepted();
+      durable.append(Buffer.concat(chunks, bytes)).then(accepted, (err: Error) => cb(err));
     });
   },
 };

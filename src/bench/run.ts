@@ -39,6 +39,7 @@ import {
   type IdleFigures,
   type PortKind,
   type ScenarioFigures,
+  durableCeilingFor,
   formatReport,
   judgeTargets,
   label,
@@ -70,6 +71,8 @@ const settings = {
   posternNodeArgs: (process.env.BENCH_POSTERN_NODE_ARGS ?? '').split(' ').filter(Boolean),
   logLevel: process.env.BENCH_LOG_LEVEL || 'info (config default)',
   policy: envChoice('BENCH_POLICY', ['on', 'off']),
+  /** BENCH_DELIVERY_THREAD=1: Postern runs with `[delivery] thread = true`. */
+  deliveryThread: process.env.BENCH_DELIVERY_THREAD === '1',
   only: envChoice('BENCH_ONLY', ['all', 'memory', 'throughput', 'quick', 'upstream']),
   messageSize: MESSAGE_SIZE,
   concurrency: CONCURRENCY,
@@ -150,6 +153,12 @@ async function main(): Promise<void> {
       children.push(ceilingPlain);
       const stockTls = await startDiscardServer({ ...serverBase, role: 'stock-tls', tlsAndAuth: true, stockGreetingDelay: true });
       children.push(stockTls);
+      const durableDir = path.join(dir, 'durable-ceiling');
+      fs.mkdirSync(path.join(durableDir, 'plain'), { recursive: true });
+      const durableTls = await startDiscardServer({ ...serverBase, role: durableCeilingFor('submission'), tlsAndAuth: true, stockGreetingDelay: false, durableDir });
+      children.push(durableTls);
+      const durablePlain = await startDiscardServer({ ...serverBase, role: durableCeilingFor('relay'), tlsAndAuth: false, stockGreetingDelay: false, durableDir: path.join(durableDir, 'plain') });
+      children.push(durablePlain);
 
       const profileDir = path.join(dir, 'profile');
       const postern = await PosternProcess.start(
@@ -162,6 +171,7 @@ async function main(): Promise<void> {
           nodeArgs: [...settings.posternNodeArgs, ...(settings.cpuProfile ? ['--cpu-prof', `--cpu-prof-dir=${profileDir}`] : [])],
           logLevel: process.env.BENCH_LOG_LEVEL || undefined,
           enforcePolicy: settings.policy === 'on',
+          ...(settings.deliveryThread ? { extraConfig: '\n[delivery]\nthread = true\n' } : {}),
         },
         ACCOUNT,
       );
@@ -207,6 +217,15 @@ async function main(): Promise<void> {
               figures.cpuCheckMs = check;
               results.scenarios.push(figures);
               say(`  ceiling ${results.scenarios.at(-2)!.messagesPerSecond.toFixed(0)}/s, postern ${figures.messagesPerSecond.toFixed(0)}/s, drained in ${figures.drainSeconds.toFixed(1)} s`);
+              if (c === 50) {
+                // The durable ceiling right after, on the same machine state: what keeping each
+                // message costs a bare server, so Postern's own overhead can be told apart.
+                const durable = port === 'submission' ? durableTls : durablePlain;
+                say(`${label(port, mode)} c=${c}: ${durable.role}`);
+                const durableFigures = await bench.scenario(durable.role, durable.pid, durable.port, port, mode, c);
+                results.scenarios.push({ ...durableFigures, cpuCheckMs: check });
+                say(`  durable ceiling ${durableFigures.messagesPerSecond.toFixed(0)}/s`);
+              }
             }
           }
         }
