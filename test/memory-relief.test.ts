@@ -39,19 +39,25 @@ describe('malloc_trim addon', () => {
   });
 });
 
+/** A debug-level logger whose lines the test reads back as objects. */
+function capturedLogger() {
+  const lines: Record<string, unknown>[] = [];
+  const sink = new Writable({
+    write(chunk: Buffer, _enc, cb) {
+      lines.push(JSON.parse(chunk.toString()) as Record<string, unknown>);
+      cb();
+    },
+  });
+  return { logger: pino({ level: 'debug' }, sink), lines };
+}
+
 describe('MemoryRelief', () => {
   function harness() {
-    const lines: Record<string, unknown>[] = [];
-    const sink = new Writable({
-      write(chunk: Buffer, _enc, cb) {
-        lines.push(JSON.parse(chunk.toString()) as Record<string, unknown>);
-        cb();
-      },
-    });
+    const { logger, lines } = capturedLogger();
     let cpu = 0;
     let reliefs = 0;
     const relief = new MemoryRelief({
-      logger: pino({ level: 'debug' }, sink),
+      logger,
       cpuMs: () => cpu,
       relieve: () => {
         reliefs++;
@@ -96,15 +102,9 @@ describe('MemoryRelief', () => {
   });
 
   it('runs the real relief (full collection, then malloc_trim) and logs what it gave back', () => {
-    const lines: Record<string, unknown>[] = [];
-    const sink = new Writable({
-      write(chunk: Buffer, _enc, cb) {
-        lines.push(JSON.parse(chunk.toString()) as Record<string, unknown>);
-        cb();
-      },
-    });
+    const { logger, lines } = capturedLogger();
     let cpu = 0;
-    const relief = new MemoryRelief({ logger: pino({ level: 'debug' }, sink), cpuMs: () => cpu });
+    const relief = new MemoryRelief({ logger, cpuMs: () => cpu });
     cpu += BUSY_CPU_MS + 1;
     relief.sample(SAMPLE_INTERVAL_MS);
     expect(relief.sample(SAMPLE_INTERVAL_MS)).toBe(true);

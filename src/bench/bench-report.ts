@@ -213,6 +213,9 @@ export function label(port: PortKind, mode: 'new' | 'reuse'): string {
 /** Server cores, with the kernel's share in parentheses: "1.02(0.48)". */
 const srv = (s: ScenarioFigures) => `${s.cpu.server.toFixed(2)}(${s.cpu.serverSystem.toFixed(2)})`;
 const pct = (r: number) => `${(r * 100).toFixed(0)}%`;
+/** a's rate as a share of b's, or '-' when either is missing. */
+const rateRatio = (a: ScenarioFigures | undefined, b: ScenarioFigures | undefined) =>
+  a && b && b.messagesPerSecond > 0 ? pct(a.messagesPerSecond / b.messagesPerSecond) : '-';
 const mb = (bytes: number) => `${(bytes / MB).toFixed(1)} MB`;
 const num = (v: number | null | undefined, digits = 1) => (v == null ? '-' : v.toFixed(digits));
 
@@ -286,7 +289,7 @@ export function formatReport(results: BenchResults, jsonFile: string): string {
             num(s.transactionP99Ms),
             `${srv(s)}/${s.cpu.client.toFixed(2)}/${s.cpu.other.toFixed(2)}`,
             num(ceil?.messagesPerSecond, 0),
-            ceil && ceil.messagesPerSecond > 0 ? pct(s.messagesPerSecond / ceil.messagesPerSecond) : '-',
+            rateRatio(s, ceil),
             full ? `${num(full.messagesPerSecond, 0)}/s` : '-',
           ];
         }),
@@ -307,8 +310,6 @@ export function formatReport(results: BenchResults, jsonFile: string): string {
         durable.map((s) => {
           const ceil = find(results, ceilingFor(s.port), s.port, s.mode, s.concurrency);
           const postern = find(results, 'postern', s.port, s.mode, s.concurrency);
-          const ratio = (a: ScenarioFigures | undefined, b: ScenarioFigures | undefined) =>
-            a && b && b.messagesPerSecond > 0 ? pct(a.messagesPerSecond / b.messagesPerSecond) : '-';
           return [
             label(s.port, s.mode),
             String(s.concurrency),
@@ -316,9 +317,9 @@ export function formatReport(results: BenchResults, jsonFile: string): string {
             num(s.transactionP50Ms),
             `${srv(s)}/${s.cpu.client.toFixed(2)}/${s.cpu.other.toFixed(2)}`,
             num(ceil?.messagesPerSecond, 0),
-            ratio(s, ceil),
+            rateRatio(s, ceil),
             num(postern?.messagesPerSecond, 0),
-            ratio(postern, s),
+            rateRatio(postern, s),
           ];
         }),
       ),
