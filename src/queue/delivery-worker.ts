@@ -2,6 +2,7 @@
 // own connection to the store, the queue runner, and a logger whose lines go to the main thread,
 // which writes them with its own (one stream, whole lines, never interleaved).
 import { parentPort, workerData } from 'node:worker_threads';
+import { MemoryRelief } from '../cli/memory-relief.js';
 import { type Config, ConfigError } from '../config/load-config.js';
 import { createLogger } from '../observe/logger.js';
 import { SecurityEvents } from '../policy/security-events.js';
@@ -37,6 +38,9 @@ const HOUSEKEEPING_MS = 5000;
 let store: Store | undefined;
 let runner: QueueRunner | undefined;
 let housekeeping: NodeJS.Timeout | undefined;
+// This thread's isolate has its own dead buffers after a burst: the main thread's relief
+// collects only its own heap (malloc_trim, process-wide, is harmless twice).
+const relief = new MemoryRelief({ logger });
 
 async function start(): Promise<void> {
   store = await openStore((config as Config).dataDir);
@@ -45,6 +49,7 @@ async function start(): Promise<void> {
   const events = new SecurityEvents({ store, logger, config: config as Config, onQueued: () => runner?.notify() });
   runner = new QueueRunner({ store, config, logger, events });
   await runner.start();
+  relief.start();
   const upkeep = store;
   housekeeping = setInterval(() => {
     upkeep.housekeeping?.().catch((err: Error) => logger.warn({ event: 'housekeeping_error', err: err.message }, 'store upkeep failed'));
@@ -53,6 +58,7 @@ async function start(): Promise<void> {
 
 async function stop(graceMs: number): Promise<void> {
   clearInterval(housekeeping);
+  relief.stop();
   await runner?.stop(graceMs);
   await store?.close();
   flushLogs();
