@@ -425,7 +425,7 @@ describe('Exchange Online stand-in', () => {
     err = await failure(transport.sendMail(mail(MAILBOX, 'a@example.net')));
     expect(err.response).toBe('554 5.2.2 mailbox full; STOREDRV.Submission.Exception:QuotaExceededException.MapiExceptionShutoffQuotaExceeded');
     await transport.sendMail(mail(MAILBOX, 'a@example.net'));
-    expect(office.scriptsPending).toBe(0);
+    expect(office.pendingScripts).toBe(0);
     transport.close();
   });
 

@@ -284,7 +284,6 @@ export class EntraTokenEndpoint {
       appId: app.clientId,
       tenantId: tenant.id,
       scopes,
-      issuedAt: now,
       expiresAt: exp * 1000,
     });
     return {

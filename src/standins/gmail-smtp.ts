@@ -21,13 +21,13 @@
 // smtp-server already implements the XOAUTH2 error challenge (onAuth answering { data }), and its
 // final "535 Error: Username and Password not accepted" is rewritten into Gmail's text below.
 import { randomInt } from 'node:crypto';
-import type { SMTPServerAuthentication, SMTPServerAuthenticationResponse, SMTPServerSession } from 'smtp-server';
+import type { SMTPServerAuthentication, SMTPServerSession } from 'smtp-server';
 import type { SMTPConnection } from 'smtp-server/lib/smtp-connection.js';
 import { GMAIL_SCOPE } from './google-token-endpoint.js';
 import type { IdentityStandIn } from './identity-platform.js';
-import { ScriptedReplies, smtpRefusal, type ScriptedReply } from './scripted-replies.js';
-import { readStream, type StandInLogin, type StandInMessage } from './smtp-records.js';
-import { hasEnhancedCode, replyText, StandInSmtpServer, type OutgoingReply, type Reply } from './standin-smtp-server.js';
+import { smtpRefusal } from './scripted-replies.js';
+import { ConnectionIds, ScriptedSmtpStandIn, type AuthCallback, type DataCallback } from './scripted-smtp-standin.js';
+import { hasEnhancedCode, replyText, type OutgoingReply, type Reply } from './standin-smtp-server.js';
 
 export interface GmailSmtpStandInOptions {
   certificate: { cert: string; key: string };
@@ -43,85 +43,37 @@ export const GMAIL_XOAUTH2_ERROR = { status: '400', schemes: 'Bearer', scope: GM
 
 const LETTERS = 'abcdefghijklmnopqrstuvwxyz';
 
-export class GmailSmtpStandIn {
-  readonly messages: StandInMessage[] = [];
-  readonly logins: StandInLogin[] = [];
-  connections = 0;
+/** Gmail's per-session id, "t66sm6271302pjb.45", at the end of its replies. */
+function gmailSessionId(): string {
+  const letter = (): string => LETTERS[randomInt(LETTERS.length)]!;
+  return `${letter()}${randomInt(10, 100)}sm${randomInt(1_000_000, 10_000_000)}${letter()}${letter()}${letter()}.${randomInt(0, 100)}`;
+}
+
+export class GmailSmtpStandIn extends ScriptedSmtpStandIn {
   readonly #options: GmailSmtpStandInOptions;
-  readonly #server: StandInSmtpServer;
-  readonly #scripts = new ScriptedReplies();
-  readonly #sessionIds = new WeakMap<SMTPConnection, string>();
+  readonly #sessionIds = new ConnectionIds(gmailSessionId);
   readonly #size: number;
 
   constructor(options: GmailSmtpStandInOptions) {
+    const size = options.size ?? 35_882_577;
+    super({
+      key: options.certificate.key,
+      cert: options.certificate.cert,
+      name: 'smtp.gmail.com',
+      size,
+      authMethods: ['LOGIN', 'PLAIN', 'XOAUTH2'],
+    });
     this.#options = options;
-    this.#size = options.size ?? 35_882_577;
-    this.#server = new StandInSmtpServer(
-      {
-        key: options.certificate.key,
-        cert: options.certificate.cert,
-        name: 'smtp.gmail.com',
-        size: this.#size,
-        authMethods: ['LOGIN', 'PLAIN', 'XOAUTH2'],
-        authOptional: false,
-        disableReverseLookup: true,
-        closeTimeout: 100,
-        logger: false,
-        onConnect: (_session, callback) => {
-          this.connections++;
-          callback();
-        },
-        onAuth: (auth, session, callback) => this.#onAuth(auth, session, callback),
-        onMailFrom: (_address, session, callback) => callback(this.#scripts.take('mail', session.user as string | undefined) ?? null),
-        onRcptTo: (_address, session, callback) => callback(this.#scripts.take('rcpt', session.user as string | undefined) ?? null),
-        onData: (stream, session, callback) => {
-          readStream(stream).then(
-            (raw) => this.#onMessage(raw, stream.sizeExceeded, session, callback),
-            (err: Error) => callback(err),
-          );
-        },
-      },
-      (reply, connection) => this.#dialect(reply, connection),
-    );
-    this.#server.on('error', () => undefined);
+    this.#size = size;
   }
 
-  start(): Promise<void> {
-    return this.#server.listenLoopback();
-  }
-
-  get host(): string {
-    return '127.0.0.1';
-  }
-
-  get port(): number {
-    return this.#server.port;
-  }
-
-  close(): Promise<void> {
-    return this.#server.stop();
-  }
-
-  /** The next `times` matching commands get this reply (see scripted-replies.ts). */
-  script(reply: ScriptedReply): void {
-    this.#scripts.add(reply);
-  }
-
-  get scriptsPending(): number {
-    return this.#scripts.pending;
-  }
-
-  #onAuth(
-    auth: SMTPServerAuthentication,
-    session: SMTPServerSession,
-    callback: (err: Error | null | undefined, response?: SMTPServerAuthenticationResponse) => void,
-  ): void {
-    const connection = this.#server.connectionOf(session);
+  protected override onAuth(auth: SMTPServerAuthentication, session: SMTPServerSession, callback: AuthCallback): void {
+    const connection = this.connectionOf(session);
     const mailbox = (auth.username ?? '').toLowerCase();
     const record = (ok: boolean, reply: Reply): void => {
       this.logins.push({ mailbox, method: auth.method, ok, reply: replyText(reply), at: Date.now() });
     };
-    const scripted = this.#scripts.take('auth', mailbox);
+    const scripted = this.takeScript('auth', mailbox);
     if (scripted) {
       record(false, { code: scripted.responseCode, lines: scripted.message.split('\n') });
       return callback(scripted);
@@ -144,18 +96,18 @@ export class GmailSmtpStandIn {
     callback(null, { user: mailbox });
   }
 
-  #onMessage(raw: Buffer, sizeExceeded: boolean, session: SMTPServerSession, callback: (err?: Error | null, message?: string) => void): void {
+  protected override onMessage(raw: Buffer, sizeExceeded: boolean, session: SMTPServerSession, callback: DataCallback): void {
     const mailbox = String(session.user ?? '');
-    const connection = this.#server.connectionOf(session);
+    const connection = this.connectionOf(session);
     if (sizeExceeded) {
       return callback(
-        smtpRefusal(552, `5.3.4 Your message exceeded Google's message size limits. For more information, go to\n5.3.4  https://support.google.com/mail/?p=MaxSizeError ${this.#id(connection)} - gsmtp`),
+        smtpRefusal(552, `5.3.4 Your message exceeded Google's message size limits. For more information, go to\n5.3.4  https://support.google.com/mail/?p=MaxSizeError ${this.#sessionIds.of(connection)} - gsmtp`),
       );
     }
-    const scripted = this.#scripts.take('data', mailbox);
+    const scripted = this.takeScript('data', mailbox);
     if (scripted) return callback(scripted);
     const now = Date.now();
-    const reply = `2.0.0 OK  ${Math.floor(now / 1000)} ${this.#id(connection)} - gsmtp`;
+    const reply = `2.0.0 OK  ${Math.floor(now / 1000)} ${this.#sessionIds.of(connection)} - gsmtp`;
     this.messages.push({
       mailbox,
       from: session.envelope.mailFrom ? session.envelope.mailFrom.address : '',
@@ -172,25 +124,14 @@ export class GmailSmtpStandIn {
       code: 535,
       lines: [
         '5.7.8 Username and Password not accepted. For more information, go to',
-        `5.7.8  https://support.google.com/mail/?p=BadCredentials ${this.#id(connection)} - gsmtp`,
+        `5.7.8  https://support.google.com/mail/?p=BadCredentials ${this.#sessionIds.of(connection)} - gsmtp`,
       ],
     };
   }
 
-  /** Gmail's per-session id, "t66sm6271302pjb.45", at the end of its replies. */
-  #id(connection: SMTPConnection | undefined): string {
-    let id = connection ? this.#sessionIds.get(connection) : undefined;
-    if (id === undefined) {
-      const letter = (): string => LETTERS[randomInt(LETTERS.length)]!;
-      id = `${letter()}${randomInt(10, 100)}sm${randomInt(1_000_000, 10_000_000)}${letter()}${letter()}${letter()}.${randomInt(0, 100)}`;
-      if (connection) this.#sessionIds.set(connection, id);
-    }
-    return id;
-  }
-
-  #dialect(reply: OutgoingReply, connection: SMTPConnection): Reply | undefined {
+  protected override dialect(reply: OutgoingReply, connection: SMTPConnection): Reply | undefined {
     if (hasEnhancedCode(reply)) return undefined;
-    const id = this.#id(connection);
+    const id = this.#sessionIds.of(connection);
     const text = reply.lines.join('\n');
     switch (reply.code) {
       case 220:

@@ -82,10 +82,6 @@ export class GoogleTokenEndpoint {
     });
   }
 
-  remove(clientEmail: string): void {
-    this.#accounts.delete(clientEmail.toLowerCase());
-  }
-
   async answer(form: URLSearchParams, tokenUrl: string, now: number): Promise<TokenAnswer> {
     const grantType = form.get('grant_type') ?? undefined;
     const seen: Partial<TokenAnswer> = grantType !== undefined ? { grantType } : {};
@@ -163,7 +159,6 @@ export class GoogleTokenEndpoint {
       clientEmail: account.clientEmail,
       ...(sub !== undefined ? { subject: sub } : {}),
       scopes,
-      issuedAt: now,
       expiresAt: now + this.#lifetimeSeconds * 1000,
     });
     return { ...seen, ...whoWithSub, status: 200, body: { access_token: token, expires_in: this.#lifetimeSeconds, token_type: 'Bearer' } };

@@ -391,11 +391,6 @@ export class GraphStandIn {
     return this.#scripts.reduce((sum, s) => sum + s.remaining, 0);
   }
 
-  /** Every open upload session's URL stops working now. */
-  expireUploadSessions(): void {
-    for (const session of this.#sessions.values()) session.expiresAt = 0;
-  }
-
   // ---- The request ------------------------------------------------------------------------
 
   async #handle(req: IncomingMessage, res: ServerResponse): Promise<void> {

@@ -131,11 +131,6 @@ export class IdentityStandIn {
     this.#google.register(registration);
   }
 
-  /** Deletes the service account: its JWTs get "Invalid grant: account not found". */
-  removeServiceAccount(clientEmail: string): void {
-    this.#google.remove(clientEmail);
-  }
-
   /** A key file like the Cloud console's, for a service account whose token_uri is `tokenUri`. */
   static makeServiceAccountKey(clientEmail: string, tokenUri: string): ServiceAccountKey {
     return makeServiceAccountKey(clientEmail, tokenUri);

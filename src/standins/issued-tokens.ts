@@ -21,7 +21,6 @@ export interface IssuedToken {
   clientEmail?: string;
   subject?: string;
   scopes: string[];
-  issuedAt: number;
   expiresAt: number;
 }
 
@@ -36,10 +35,10 @@ export class IssuedTokens {
     this.#tokens.set(token.token, token);
   }
 
-  check(token: string, resource: TokenResource, now = Date.now()): TokenCheck {
+  check(token: string, resource: TokenResource): TokenCheck {
     const issued = this.#tokens.get(token);
     if (!issued) return { ok: false, reason: 'unknown' };
-    if (now >= issued.expiresAt) return { ok: false, reason: 'expired' };
+    if (Date.now() >= issued.expiresAt) return { ok: false, reason: 'expired' };
     if (issued.resource !== resource) return { ok: false, reason: 'wrong_resource' };
     return {
       ok: true,
@@ -52,16 +51,13 @@ export class IssuedTokens {
   }
 
   /** Every token issued so far expires now. */
-  expireAll(now = Date.now()): void {
+  expireAll(): void {
+    const now = Date.now();
     for (const token of this.#tokens.values()) token.expiresAt = Math.min(token.expiresAt, now);
   }
 
   /** Forgets the tokens `matches` picks (a test that wants a revocation to bite at once). */
   invalidate(matches: (token: IssuedToken) => boolean): void {
     for (const [value, token] of this.#tokens) if (matches(token)) this.#tokens.delete(value);
-  }
-
-  get size(): number {
-    return this.#tokens.size;
   }
 }

@@ -47,10 +47,12 @@
 import { randomBytes, randomUUID } from 'node:crypto';
 import type { SMTPServerAuthentication, SMTPServerSession } from 'smtp-server';
 import type { SMTPConnection } from 'smtp-server/lib/smtp-connection.js';
+import { formatRfc5322Date } from '../mail/rfc5322-date.js';
 import type { IdentityStandIn } from './identity-platform.js';
-import { ScriptedReplies, smtpRefusal, type ScriptedReply } from './scripted-replies.js';
-import { headerAddresses, headerValue, readStream, type StandInLogin, type StandInMessage } from './smtp-records.js';
-import { hasEnhancedCode, replyText, StandInSmtpServer, tlsProtocol, type OutgoingReply, type Reply } from './standin-smtp-server.js';
+import { smtpRefusal } from './scripted-replies.js';
+import { ConnectionIds, ScriptedSmtpStandIn, type AuthCallback, type DataCallback } from './scripted-smtp-standin.js';
+import { headerAddresses, headerValue } from './smtp-records.js';
+import { hasEnhancedCode, replyText, tlsProtocol, type OutgoingReply, type Reply } from './standin-smtp-server.js';
 
 export interface Office365Limits {
   /** Messages a mailbox may submit in any window (Microsoft: 30 a minute). */
@@ -116,18 +118,12 @@ const EXCHANGE_STOCK: Record<string, Reply> = {
   '250 OK': { code: 250, lines: ['2.0.0 OK'] },
 };
 
-export class Office365SmtpStandIn {
-  readonly messages: StandInMessage[] = [];
-  readonly logins: StandInLogin[] = [];
+export class Office365SmtpStandIn extends ScriptedSmtpStandIn {
   /** Per mailbox: the most authenticated connections it had open at once. */
   readonly maxConcurrent: Record<string, number> = {};
   readonly violations = { connections: 0, messages: 0, recipients: 0 };
-  /** Connections accepted so far. */
-  connections = 0;
   readonly #options: Office365SmtpStandInOptions;
   readonly #limits: Office365Limits;
-  readonly #server: StandInSmtpServer;
-  readonly #scripts = new ScriptedReplies();
   readonly #mailboxes: Set<string>;
   readonly #sendAs = new Map<string, Set<string>>();
   /** Per-mailbox SMTP AUTH setting; absent = the tenant's. */
@@ -139,72 +135,36 @@ export class Office365SmtpStandIn {
   readonly #submitted = new Map<string, number[]>();
   readonly #recipients = new Map<string, { at: number; count: number }[]>();
   /** Exchange's per-session diagnostic id, shown in the bracket of its refusals. */
-  readonly #sessionIds = new WeakMap<SMTPConnection, string>();
+  readonly #sessionIds = new ConnectionIds(() => `08DD${randomBytes(6).toString('hex').toUpperCase()}`);
   readonly #frontEnd: string;
   readonly #diagnosticHost: string;
   readonly #mailboxServer: string;
   readonly #size: number;
 
   constructor(options: Office365SmtpStandInOptions) {
+    const server = options.serverName ?? 'XX0PR00CA0000';
+    const frontEnd = `${server}.outlook.office365.com`;
+    const size = options.size ?? 37_748_736;
+    super({
+      key: options.certificate.key,
+      cert: options.certificate.cert,
+      // Legacy TLS must get through the handshake to be refused with Exchange's 421 4.7.66.
+      minVersion: 'TLSv1',
+      ciphers: 'DEFAULT:@SECLEVEL=0',
+      name: frontEnd,
+      size,
+      authMethods: ['LOGIN', 'XOAUTH2', 'PLAIN'],
+    });
     this.#options = options;
     this.#limits = { ...DEFAULT_LIMITS, ...options.limits };
     this.#mailboxes = new Set(options.mailboxes.map((m) => m.toLowerCase()));
     for (const [mailbox, addresses] of Object.entries(options.sendAs ?? {})) {
       this.#sendAs.set(mailbox.toLowerCase(), new Set(addresses.map((a) => a.toLowerCase())));
     }
-    const server = options.serverName ?? 'XX0PR00CA0000';
-    this.#frontEnd = `${server}.outlook.office365.com`;
+    this.#frontEnd = frontEnd;
     this.#diagnosticHost = `${server}.NAMPRD00.PROD.OUTLOOK.COM`;
     this.#mailboxServer = `${server.replace(/CA(\d+)$/, 'MB$1')}.namprd00.prod.outlook.com`;
-    this.#size = options.size ?? 37_748_736;
-    this.#server = new StandInSmtpServer(
-      {
-        key: options.certificate.key,
-        cert: options.certificate.cert,
-        // Legacy TLS must get through the handshake to be refused with Exchange's 421 4.7.66.
-        minVersion: 'TLSv1',
-        ciphers: 'DEFAULT:@SECLEVEL=0',
-        name: this.#frontEnd,
-        size: this.#size,
-        authMethods: ['LOGIN', 'XOAUTH2', 'PLAIN'],
-        authOptional: false,
-        disableReverseLookup: true,
-        closeTimeout: 100,
-        logger: false,
-        onConnect: (_session, callback) => {
-          this.connections++;
-          callback();
-        },
-        onAuth: (auth, session, callback) => this.#onAuth(auth, session, callback),
-        onMailFrom: (_address, session, callback) => callback(this.#scripts.take('mail', session.user as string | undefined) ?? null),
-        onRcptTo: (_address, session, callback) => callback(this.#scripts.take('rcpt', session.user as string | undefined) ?? null),
-        onData: (stream, session, callback) => {
-          readStream(stream).then(
-            (raw) => this.#onMessage(raw, stream.sizeExceeded, session, callback),
-            (err: Error) => callback(err),
-          );
-        },
-        onClose: (session) => this.#loggedOut(session.id),
-      },
-      (reply, connection) => this.#dialect(reply, connection),
-    );
-    this.#server.on('error', () => undefined);
-  }
-
-  start(): Promise<void> {
-    return this.#server.listenLoopback();
-  }
-
-  get host(): string {
-    return '127.0.0.1';
-  }
-
-  get port(): number {
-    return this.#server.port;
-  }
-
-  close(): Promise<void> {
-    return this.#server.stop();
+    this.#size = size;
   }
 
   /** Set-CASMailbox -SmtpClientAuthenticationDisabled $true. */
@@ -226,22 +186,8 @@ export class Office365SmtpStandIn {
     this.#tenantSmtpAuth = true;
   }
 
-  /** The next `times` matching commands get this reply (see scripted-replies.ts). */
-  script(reply: ScriptedReply): void {
-    this.#scripts.add(reply);
-  }
-
-  /** Scripted replies not used yet. */
-  get scriptsPending(): number {
-    return this.#scripts.pending;
-  }
-
-  #onAuth(
-    auth: SMTPServerAuthentication,
-    session: SMTPServerSession,
-    callback: (err: Error | null | undefined, response?: { user: string }) => void,
-  ): void {
-    const connection = this.#server.connectionOf(session);
+  protected override onAuth(auth: SMTPServerAuthentication, session: SMTPServerSession, callback: AuthCallback): void {
+    const connection = this.connectionOf(session);
     const mailbox = (auth.username ?? '').toLowerCase();
     const refuse = (code: number, text: string): void => {
       this.logins.push({ mailbox, method: auth.method, ok: false, reply: replyText({ code, lines: text.split('\n') }), at: Date.now() });
@@ -251,7 +197,7 @@ export class Office365SmtpStandIn {
     if (protocol !== undefined && (TLS_ORDER[protocol] ?? 0) < (TLS_ORDER[this.#options.minTlsVersion ?? 'TLSv1.2'] ?? 2)) {
       return refuse(421, EXCHANGE_REPLIES.legacyTls);
     }
-    const scripted = this.#scripts.take('auth', mailbox);
+    const scripted = this.takeScript('auth', mailbox);
     if (scripted) return refuse(scripted.responseCode, scripted.message);
     if (auth.method !== 'XOAUTH2') {
       return this.#options.basicAuth === 'disabled'
@@ -298,11 +244,15 @@ export class Office365SmtpStandIn {
     this.#open.set(mailbox, open);
   }
 
-  #onMessage(raw: Buffer, sizeExceeded: boolean, session: SMTPServerSession, callback: (err?: Error | null, message?: string) => void): void {
+  protected override onClose(session: SMTPServerSession): void {
+    this.#loggedOut(session.id);
+  }
+
+  protected override onMessage(raw: Buffer, sizeExceeded: boolean, session: SMTPServerSession, callback: DataCallback): void {
     const mailbox = String(session.user ?? '');
-    const connection = this.#server.connectionOf(session);
+    const connection = this.connectionOf(session);
     if (sizeExceeded) return callback(smtpRefusal(552, '5.3.4 Message size exceeds fixed maximum message size'));
-    const scripted = this.#scripts.take('data', mailbox);
+    const scripted = this.takeScript('data', mailbox);
     if (scripted) return callback(scripted);
 
     if ((this.#open.get(mailbox) ?? []).indexOf(session.id) >= this.#limits.connectionsPerMailbox) {
@@ -342,21 +292,16 @@ export class Office365SmtpStandIn {
 
   /** "[XX0PR00CA0000.NAMPRD00.PROD.OUTLOOK.COM 2025-01-07T04:13:27.123Z 08DD0123456789AB]". */
   #diagnostics(connection: SMTPConnection | undefined): string {
-    let id = connection ? this.#sessionIds.get(connection) : undefined;
-    if (id === undefined) {
-      id = `08DD${randomBytes(6).toString('hex').toUpperCase()}`;
-      if (connection) this.#sessionIds.set(connection, id);
-    }
-    return `[${this.#diagnosticHost} ${new Date().toISOString()} ${id}]`;
+    return `[${this.#diagnosticHost} ${new Date().toISOString()} ${this.#sessionIds.of(connection)}]`;
   }
 
-  #dialect(reply: OutgoingReply, connection: SMTPConnection): Reply | undefined {
+  protected override dialect(reply: OutgoingReply, connection: SMTPConnection): Reply | undefined {
     if (hasEnhancedCode(reply)) return undefined;
     const text = reply.lines.join('\n');
     switch (reply.code) {
       case 220:
         return reply.context === false
-          ? { code: 220, lines: [`${this.#frontEnd} Microsoft ESMTP MAIL Service ready at ${exchangeDate(new Date())}`] }
+          ? { code: 220, lines: [`${this.#frontEnd} Microsoft ESMTP MAIL Service ready at ${formatRfc5322Date(new Date())}`] }
           : { code: 220, lines: ['2.0.0 SMTP server ready'] };
       case 250:
         if (reply.context === false) {
@@ -387,9 +332,4 @@ export class Office365SmtpStandIn {
     }
     return EXCHANGE_STOCK[`${reply.code} ${text}`];
   }
-}
-
-/** "Tue, 7 Jan 2025 04:13:27 +0000", the date in Exchange's greeting. */
-function exchangeDate(date: Date): string {
-  return date.toUTCString().replace(/, 0(\d) /, ', $1 ').replace('GMT', '+0000');
 }

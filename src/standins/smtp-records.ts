@@ -1,6 +1,5 @@
-// What the SMTP stand-ins write down for tests to read (logins and accepted messages), and the two
-// small things both need to read a message: its bytes, and the addresses in one header field.
-import type { Readable } from 'node:stream';
+// What the SMTP stand-ins write down for tests to read (logins and accepted messages), and what they
+// (and the Graph stand-in) need to read a message's header: one field's value, and its addresses.
 import addressparser from 'nodemailer/lib/addressparser';
 
 export interface StandInLogin {
@@ -24,15 +23,6 @@ export interface StandInMessage {
   receivedAt: number;
   /** The reply that accepted it. */
   reply: string;
-}
-
-export function readStream(stream: Readable): Promise<Buffer> {
-  return new Promise((resolve, reject) => {
-    const chunks: Buffer[] = [];
-    stream.on('data', (chunk: Buffer) => chunks.push(chunk));
-    stream.on('end', () => resolve(Buffer.concat(chunks)));
-    stream.on('error', reject);
-  });
 }
 
 /** The unfolded value of the first `name` header field, if the message has one. */
