@@ -1,7 +1,10 @@
 // The sliding-window planner behind upstream sending limits (src/delivery/upstreams/send-limits.ts),
 // on a clock the test moves: a burst is planned at exactly the allowed rate, a reserved slot
 // belongs to its message, several windows combine, and the 80% budget warning fires once.
+import { Readable } from 'node:stream';
 import { describe, expect, it } from 'vitest';
+import type { DeliveryJob } from '../src/delivery/delivery-target.js';
+import { MailboxGate } from '../src/delivery/upstreams/mailbox-gate.js';
 import { type BudgetWarning, SendLimits, type WindowLimit } from '../src/delivery/upstreams/send-limits.js';
 
 const MINUTE = 60_000;
@@ -186,5 +189,40 @@ describe('send limits', () => {
     expect(maxInWindow(sent.map((s) => s.arrived).sort((a, b) => a - b), MINUTE)).toBeLessThanOrEqual(30);
     // And not much slower than the limit: 300 at 30 a minute is 9 minutes plus latency.
     expect(Math.max(...sent.map((s) => s.arrived))).toBeLessThan(11 * MINUTE);
+  });
+});
+
+describe('mailbox gate', () => {
+  const job = (queueId: string, expiresAt?: number): DeliveryJob => ({
+    queueId,
+    sender: 'a@x',
+    recipients: [{ index: 0, address: 'r@y' }],
+    body: () => Readable.from([]),
+    size: 10,
+    ...(expiresAt !== undefined ? { expiresAt } : {}),
+  });
+
+  it('gives back the slot of a message whose turn comes after it expires, so the mail behind it goes sooner', async () => {
+    let now = 0;
+    const gate = new MailboxGate({ name: 'm365', mailbox: undefined, limits: [perMinute(1)], log: undefined, now: () => now, events: undefined });
+    expect(await gate.turn(job('first'), 'a@x', 1, 1)).toBeUndefined();
+    gate.settle('a@x', job('first'));
+    // Its turn would be a minute from now; it expires in 30 s: told to wait, slot not kept.
+    const expiring = await gate.turn(job('expiring', 30_000), 'a@x', 1, 1);
+    expect(expiring?.[0]).toMatchObject({ status: 'deferred', waitUntil: MINUTE });
+    // The next message gets the turn the expiring one would have held.
+    now = 10;
+    const next = await gate.turn(job('next'), 'a@x', 1, 1);
+    expect(next?.[0]?.waitUntil).toBe(MINUTE);
+  });
+
+  it('keeps the slot of a message that will still be there for it', async () => {
+    let now = 0;
+    const gate = new MailboxGate({ name: 'm365', mailbox: undefined, limits: [perMinute(1)], log: undefined, now: () => now, events: undefined });
+    expect(await gate.turn(job('first'), 'a@x', 1, 1)).toBeUndefined();
+    gate.settle('a@x', job('first'));
+    expect((await gate.turn(job('second', 10 * MINUTE), 'a@x', 1, 1))?.[0]?.waitUntil).toBe(MINUTE);
+    now = 10;
+    expect((await gate.turn(job('third'), 'a@x', 1, 1))?.[0]?.waitUntil).toBe(2 * MINUTE);
   });
 });

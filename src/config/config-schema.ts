@@ -126,9 +126,6 @@ const port = z.number().int().min(1).max(65535);
 // the delivery side reads it at start-up (src/config/secret.ts). A configuration file gets copied
 // into tickets, backups and repositories; a password in it goes wherever the file goes.
 
-/** Kinds of upstream that are planned but not in this version: named as such in the error. */
-const PLANNED_UPSTREAM_TYPES: string[] = [];
-
 const upstreamName = z
   .string()
   .regex(/^[a-z0-9][a-z0-9_-]{0,62}$/i, 'expected a short name of letters, digits, "-" and "_" (it appears in logs and rules), such as "isp"');
@@ -318,9 +315,6 @@ const upstream = z.discriminatedUnion('type', UPSTREAM_SCHEMAS, {
     const supported = `supported: ${UPSTREAM_TYPES.map((t) => `"${t}"`).join(', ')}`;
     const type = issue.input && typeof issue.input === 'object' ? (issue.input as { type?: unknown }).type : undefined;
     if (type === undefined) return `missing: every [[upstream]] needs a type (${supported})`;
-    if (typeof type === 'string' && PLANNED_UPSTREAM_TYPES.includes(type)) {
-      return `upstream type "${type}" is not available in this version yet (${supported})`;
-    }
     return `unknown upstream type ${JSON.stringify(type)} (${supported})`;
   },
 });

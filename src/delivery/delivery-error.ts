@@ -153,3 +153,8 @@ export function parseReply(raw: string): ParsedReply | null {
   const text = parts.join(' ').replace(/\s+/g, ' ').trim();
   return { code, enhanced, response: text ? `${code} ${text}` : String(code) };
 }
+
+/** A response without its leading enhanced status code: "5.1.1 No such user" -> "No such user". */
+export function withoutStatus(response: string): string {
+  return response.replace(/^[245]\.\d{1,3}\.\d{1,3} /, '');
+}

@@ -23,6 +23,8 @@ export interface DeliveryJob {
   /** Opens the stored body. Called once per SMTP transaction, so it may be called several times. */
   body: () => Readable;
   size: number;
+  /** When the message expires (ms): a turn under a sending limit after this will never be taken. */
+  expiresAt?: number;
   /** Aborted on shutdown: the target stops as soon as it can and reports the rest as deferred. */
   signal?: AbortSignal;
 }

@@ -19,6 +19,7 @@ import { newQueueId } from '../store/queue-id.js';
 import type { QueueStore, QueuedMessage } from '../store/store.js';
 import { enqueueLocalMessage } from '../queue/enqueue-local.js';
 import { formatRfc5322Date } from '../mail/rfc5322-date.js';
+import { headerSectionEnd } from '../mail/header-section.js';
 
 export interface DsnRecipient {
   address: string;
@@ -69,7 +70,7 @@ export async function readHeaderBlock(body: Readable, maxBytes = 64 * 1024): Pro
       chunks.push(buf);
       length += buf.length;
       const all = Buffer.concat(chunks, length);
-      const end = headerEnd(all);
+      const end = headerSectionEnd(all);
       if (end >= 0 && end <= maxBytes) return all.subarray(0, end);
       if (length >= maxBytes) break;
     }
@@ -80,15 +81,6 @@ export async function readHeaderBlock(body: Readable, maxBytes = 64 * 1024): Pro
   const all = Buffer.concat(chunks, length).subarray(0, maxBytes);
   const lastLine = all.lastIndexOf(0x0a);
   return lastLine >= 0 ? all.subarray(0, lastLine + 1) : all;
-}
-
-/** Offset just after the header block (the line ending before the blank line), or -1. */
-function headerEnd(buf: Buffer): number {
-  const crlf = buf.indexOf('\r\n\r\n');
-  const lf = buf.indexOf('\n\n');
-  if (crlf >= 0 && (lf < 0 || crlf < lf)) return crlf + 2;
-  if (lf >= 0) return lf + 1;
-  return -1;
 }
 
 /** The whole DSN message, CRLF line endings, ready to spool. */

@@ -367,27 +367,22 @@ export class SmtpSession {
       return;
     }
     const offered = offeredMechanisms(connection);
-    if ('token' in auth) {
-      SmtpSession.#loginWithToken(connection, watch, auth, options, server, where, offered, finish);
+    // The mechanism first (PLAIN before LOGIN), then one answer for "not offered". Without the
+    // EHLO lines (nodemailer does not always keep them) its own reading says whether AUTH was offered.
+    const wanted = 'token' in auth ? ['XOAUTH2'] : ['PLAIN', 'LOGIN'];
+    const method = offered ? wanted.find((m) => offered.includes(m)) : undefined;
+    if (offered ? !method : !connection.allowsAuth) {
+      const failure = deliveryError('AUTH_UNAVAILABLE', {
+        destination: options.destination,
+        server,
+        wanted: `AUTH ${wanted.join(' or ')}`,
+        offered: offered?.length ? `AUTH ${[...new Set(offered)].join(' ')}` : 'no AUTH',
+      }).toOutcome(where);
+      finish(undefined, { failure, problem: 'auth_unavailable' });
       return;
     }
-    let method: 'PLAIN' | 'LOGIN' | undefined;
-    if (offered) {
-      method = offered.includes('PLAIN') ? 'PLAIN' : offered.includes('LOGIN') ? 'LOGIN' : undefined;
-      if (!method) {
-        const failure = deliveryError('AUTH_UNAVAILABLE', {
-          destination: options.destination,
-          server,
-          wanted: 'AUTH PLAIN or LOGIN',
-          offered: offered.length ? `AUTH ${[...new Set(offered)].join(' ')}` : 'no AUTH',
-        }).toOutcome(where);
-        finish(undefined, { failure, problem: 'auth_unavailable' });
-        return;
-      }
-    } else if (!connection.allowsAuth) {
-      // nodemailer no longer keeps the EHLO lines: its own reading of them still says "no AUTH".
-      const failure = deliveryError('AUTH_UNAVAILABLE', { destination: options.destination, server, wanted: 'AUTH PLAIN or LOGIN', offered: 'no AUTH' }).toOutcome(where);
-      finish(undefined, { failure, problem: 'auth_unavailable' });
+    if ('token' in auth) {
+      SmtpSession.#loginWithToken(connection, watch, auth, finish);
       return;
     }
     watch.begin();
@@ -404,22 +399,8 @@ export class SmtpSession {
     connection: SMTPConnection,
     watch: ReplyWatch,
     auth: TokenAuth,
-    options: SmtpSessionOptions,
-    server: string,
-    where: { remoteMta: string; remoteIp: string },
-    offered: string[] | undefined,
     finish: (err?: SmtpClientError, decided?: { failure: DeliveryOutcome; problem: SetupProblem | undefined }) => void,
   ): void {
-    if (offered ? !offered.includes('XOAUTH2') : !connection.allowsAuth) {
-      const failure = deliveryError('AUTH_UNAVAILABLE', {
-        destination: options.destination,
-        server,
-        wanted: 'AUTH XOAUTH2',
-        offered: offered?.length ? `AUTH ${[...new Set(offered)].join(' ')}` : 'no AUTH',
-      }).toOutcome(where);
-      finish(undefined, { failure, problem: 'auth_unavailable' });
-      return;
-    }
     let tokenFailure: TokenFailure | undefined;
     /** A fresh token was tried already (nodemailer renews by itself after a 334 challenge). */
     let renewed = false;

@@ -30,8 +30,11 @@ export interface SmtpDestination {
   auth?: SessionAuth;
   /** Connections at once to this destination, below the pool's per-destination cap. */
   maxConnections?: number;
-  /** Told when a new connection could not be set up for a reason beyond "this host failed". */
-  onSetupProblem?(problem: SetupProblem, failure: DeliveryOutcome): void;
+  /**
+   * Told when a new connection could not be set up for a reason beyond "this host failed"; may
+   * return a more precise name for the problem (an upstream reads the provider's reply).
+   */
+  onSetupProblem?(problem: SetupProblem, failure: DeliveryOutcome): string | void;
 }
 
 export interface SmtpTargetOptions {
@@ -160,9 +163,9 @@ export class SmtpTarget implements DeliveryTarget {
     });
     if (opened.session) return { session: opened.session };
     if (!opened.problem) return { failure: opened.failure };
-    this.#destination.onSetupProblem?.(opened.problem, opened.failure);
+    const problem = this.#destination.onSetupProblem?.(opened.problem, opened.failure) || opened.problem;
     // This delivery's own setup failed on the configuration (credentials, TLS, AUTH): its
     // recipients say so, for an upstream's fallback (and nothing else) to act on.
-    return { failure: { ...opened.failure, configurationProblem: opened.problem } };
+    return { failure: { ...opened.failure, configurationProblem: problem } };
   }
 }

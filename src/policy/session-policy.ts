@@ -5,7 +5,7 @@
 //
 // `[policy] enforce = false` turns off lockouts, send-as, recipient rules and rate limits (for a
 // benchmark or an emergency); authentication, TLS and relay rules do not depend on it.
-import addressparser from 'nodemailer/lib/addressparser';
+import { mailboxAddresses } from '../mail/addresses.js';
 import type { ConnectorConfig } from '../config/config-schema.js';
 import type { Config } from '../config/load-config.js';
 import { type SmtpReplyError, smtpError } from '../errors/smtp-errors.js';
@@ -230,7 +230,7 @@ export class SessionPolicy {
       let rewriteFrom = false;
       for (const [name, label] of [['from', 'From'], ['sender', 'Sender']] as const) {
         const values = headers.all(name);
-        const bad = values.flatMap(addresses).find((a) => !maySendAs(account, a));
+        const bad = values.flatMap(mailboxAddresses).find((a) => !maySendAs(account, a));
         if (bad) {
           if (name === 'from' && account.policy.rewriteFrom) {
             rewriteFrom = true;
@@ -344,18 +344,6 @@ export class SessionPolicy {
       },
     });
   }
-}
-
-function addresses(value: string): string[] {
-  const out: string[] = [];
-  const walk = (list: ReturnType<typeof addressparser>) => {
-    for (const a of list) {
-      if ('group' in a && a.group) walk(a.group);
-      else if (a.address) out.push(a.address);
-    }
-  };
-  walk(addressparser(value));
-  return out;
 }
 
 function networkOf(ip: string): string {

@@ -26,10 +26,11 @@
 // Wake-ups: notify() (the intake calls it after each enqueue), the completion of a delivery (a
 // slot is free), and a timer at store.nextDueAt(), capped so that changes made by another process
 // (`postern queue retry`) are noticed within `maxSleep`.
+import { setMaxListeners } from 'node:events';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Config } from '../config/load-config.js';
 import { ConnectionPool } from '../delivery/connection-pool.js';
-import { deliveryError } from '../delivery/delivery-error.js';
+import { deliveryError, withoutStatus } from '../delivery/delivery-error.js';
 import type { DeliveryTarget, RecipientResult } from '../delivery/delivery-target.js';
 import { type DsnRecipient, enqueueDsn, readHeaderBlock, wantsFailureNotice } from '../delivery/dsn.js';
 import { MxResolver } from '../delivery/mx-resolver.js';
@@ -79,6 +80,9 @@ export class QueueRunner {
   #again = false;
 
   constructor(options: QueueRunnerOptions) {
+    // Every delivery in progress (up to delivery.concurrency, each waiting on sockets, pool slots
+    // and timers) listens to the one shutdown signal: many listeners are the design, not a leak.
+    setMaxListeners(0, this.#abort.signal);
     this.#store = options.store;
     this.#config = options.config;
     this.#log = options.logger.child({ component: 'queue' });
@@ -246,6 +250,7 @@ export class QueueRunner {
             recipients: recipients.map((r) => ({ index: r.index, address: r.address })),
             body: () => this.#store.readBody(message.queueId),
             size: message.size,
+            expiresAt: message.expiresAt,
             signal,
           });
         } catch (err) {
@@ -331,42 +336,39 @@ export class QueueRunner {
         },
       };
     }
-    if (result.waitUntil !== undefined && result.waitUntil <= message.expiresAt) {
-      // Held back by the target's own sending limits, not tried: back in the queue for its slot,
-      // without counting an attempt (the response says what it waits for).
-      return { outcome: notTried(r, result.response, Math.max(result.waitUntil, now)) };
-    }
-    if (result.waitUntil !== undefined) {
-      // Its turn under the upstream's sending limit comes after the message expires.
-      const expired = deliveryError('EXPIRED', { attempts: r.attempts === 1 ? '1 attempt' : `${r.attempts} attempts`, last: result.response });
-      return {
-        outcome: { index: r.index, state: 'failed', code: r.lastCode, response: expired.response },
-        bounce: {
-          address: r.address,
-          orcpt: r.orcpt,
-          status: expired.enhanced,
-          reason: `The message could not be sent within ${formatAge(message.expiresAt - message.receivedAt)}: the upstream's sending limit left it no turn before it expired.`,
-          detail: withoutStatus(result.response),
-        },
-      };
-    }
-    // A server that said when to come back (throttling) is retried then, not on the backoff.
-    const nextAttemptAt = result.retryAt !== undefined ? Math.max(result.retryAt, now) : now + retryDelay(attempts, this.#config.queue);
+    // Held back by the target's own sending limits (waitUntil), the message was not tried: it
+    // goes back for its slot without counting an attempt. A server that said when to come back
+    // (throttling) is retried then, not on the backoff.
+    const waiting = result.waitUntil !== undefined;
+    const nextAttemptAt = waiting
+      ? Math.max(result.waitUntil!, now)
+      : result.retryAt !== undefined
+        ? Math.max(result.retryAt, now)
+        : now + retryDelay(attempts, this.#config.queue);
     if (nextAttemptAt > message.expiresAt) {
-      const tries = attempts === 1 ? '1 attempt' : `${attempts} attempts`;
+      const tried = waiting ? r.attempts : attempts;
+      const tries = tried === 1 ? '1 attempt' : `${tried} attempts`;
       const expired = deliveryError('EXPIRED', { attempts: tries, last: result.response });
       return {
-        outcome: { index: r.index, state: 'failed', code: result.code, response: expired.response },
+        outcome: { index: r.index, state: 'failed', code: waiting ? r.lastCode : result.code, response: expired.response },
         bounce: {
           address: r.address,
           orcpt: r.orcpt,
           status: expired.enhanced,
-          reason: `The message could not be delivered in ${formatAge(now - message.receivedAt)} (${tries}) and has expired; every attempt failed temporarily.`,
-          ...remote,
-          ...(result.code !== null ? { diagnostic: result.response } : { detail: withoutStatus(result.response) }),
+          ...(waiting
+            ? {
+                reason: `The message could not be sent within ${formatAge(message.expiresAt - message.receivedAt)}: the upstream's sending limit left it no turn before it expired.`,
+                detail: withoutStatus(result.response),
+              }
+            : {
+                reason: `The message could not be delivered in ${formatAge(now - message.receivedAt)} (${tries}) and has expired; every attempt failed temporarily.`,
+                ...remote,
+                ...(result.code !== null ? { diagnostic: result.response } : { detail: withoutStatus(result.response) }),
+              }),
         },
       };
     }
+    if (waiting) return { outcome: notTried(r, result.response, nextAttemptAt) };
     return { outcome: { index: r.index, state: 'deferred', code: result.code, response: result.response, nextAttemptAt } };
   }
 
@@ -438,11 +440,6 @@ function describeFailure(result: RecipientResult): string {
     return `The mail server ${result.remoteMta ?? 'of the recipient'}${ip} refused the message.`;
   }
   return `${withoutStatus(result.response)}.`;
-}
-
-/** "5.1.10 Recipient domain ..." -> "Recipient domain ...". */
-function withoutStatus(response: string): string {
-  return response.replace(/^[245]\.\d{1,3}\.\d{1,3} /, '');
 }
 
 /** "5 days", "3 hours", "12 minutes", "40 seconds". */

@@ -25,21 +25,22 @@
 // 404 (no such mailbox, or no Exchange Online licence) are the configuration; 413 is too big for
 // the tenant and bounces.
 import { Agent } from 'node:https';
-import type { Readable } from 'node:stream';
+import { buffer } from 'node:stream/consumers';
 // mailparser and MailComposer are loaded when a large message first needs them: 28 MB of RSS
 // that a Postern without a Graph upstream (or without large messages) should not carry.
 import type { AddressObject, Attachment, ParsedMail } from 'mailparser';
-import addressparser from 'nodemailer/lib/addressparser';
 import type { Logger } from '../../observe/logger.js';
-import { deliveryError } from '../delivery-error.js';
+import { deliveryError, withoutStatus } from '../delivery-error.js';
+import { mailboxAddresses } from '../../mail/addresses.js';
+import { headerSectionEnd } from '../../mail/header-section.js';
 import type { DeliveryJob, DeliveryOutcome, DeliveryTarget, RecipientResult } from '../delivery-target.js';
+import type { ConnectionPool, PoolLease } from '../connection-pool.js';
 import { TokenFailure } from '../smtp-session.js';
 import { type HttpsAnswer, httpsRequest, jsonBody } from './https-client.js';
 import type { TokenSource } from './oauth2-tokens.js';
 import { MailboxGate, type Outcome, forAll } from './mailbox-gate.js';
 import type { WindowLimit } from './send-limits.js';
 import type { UpstreamContext } from './smtp-upstream.js';
-import type { UpstreamHolds } from './upstream-holds.js';
 
 export interface GraphUpstreamSpec {
   name: string;
@@ -58,11 +59,6 @@ export interface GraphUpstreamSpec {
 
 /** MIME up to this size goes in one sendMail request: base64 makes it 3.87 MB, under Graph's 4 MB. */
 const SEND_MAIL_MAX_BYTES = 2_900_000;
-/**
- * Request slots per app: Graph counts concurrent requests per app, so two [[upstream]] tables for
- * one app registration (two mailboxes, say) share them.
- */
-const APP_REQUESTS = new Map<string, Semaphore>();
 /** Large messages are read and parsed in memory: this many at once per upstream (35 MB each, copied twice). */
 const LARGE_AT_ONCE = 2;
 /** Attachments from this size go through an upload session (Graph: 3 MB). */
@@ -84,12 +80,15 @@ export class GraphUpstreamTarget implements DeliveryTarget {
   readonly #log: Logger | undefined;
   readonly #now: () => number;
   readonly #gate: MailboxGate;
-  readonly #holds: UpstreamHolds;
   readonly #agent: Agent;
-  /** Graph requests in progress, and those waiting for a slot: the app's, shared by its upstreams. */
-  readonly #requests: Semaphore;
-  /** Large messages being read, parsed and uploaded. */
-  readonly #large = new Semaphore();
+  /**
+   * Graph requests take slots of the delivery pool: keyed by app, since Graph counts concurrent
+   * requests per app and two [[upstream]] tables for one app registration share them; and large
+   * messages (read, parsed and uploaded in memory) per upstream.
+   */
+  readonly #pool: ConnectionPool;
+  readonly #requestsKey: string;
+  readonly #largeKey: string;
 
   constructor(spec: GraphUpstreamSpec, context: UpstreamContext) {
     this.#spec = spec;
@@ -100,14 +99,20 @@ export class GraphUpstreamTarget implements DeliveryTarget {
     this.#log = context.logger?.child({ component: 'upstream', upstream: spec.name });
     this.#now = context.now ?? Date.now;
     this.#gate = new MailboxGate({ name: spec.name, mailbox: spec.mailbox, limits: spec.limits, log: this.#log, now: this.#now, events: context.events });
-    this.#holds = this.#gate.holds;
     this.#agent = new Agent({ keepAlive: true, maxSockets: 16 });
-    let requests = APP_REQUESTS.get(spec.app.toLowerCase());
-    if (!requests) {
-      requests = new Semaphore();
-      APP_REQUESTS.set(spec.app.toLowerCase(), requests);
+    this.#pool = context.pool;
+    this.#requestsKey = `graph-app:${spec.app.toLowerCase()}`;
+    this.#largeKey = `graph-large:${spec.name.toLowerCase()}`;
+  }
+
+  /** A pool slot for `key`, or undefined when the signal fired first (shutdown). */
+  async #slot(key: string, limit: number, signal: AbortSignal | undefined): Promise<PoolLease | undefined> {
+    try {
+      return await this.#pool.acquire(key, signal, limit);
+    } catch (err) {
+      if (signal?.aborted) return undefined;
+      throw err;
     }
-    this.#requests = requests;
   }
 
   async deliver(job: DeliveryJob): Promise<RecipientResult[]> {
@@ -117,12 +122,12 @@ export class GraphUpstreamTarget implements DeliveryTarget {
     const { mailbox } = opened;
 
     // A large message is held in memory while it is parsed and uploaded: a few at a time.
-    const releaseLarge = job.size > SEND_MAIL_MAX_BYTES ? await this.#large.take(LARGE_AT_ONCE, job.signal) : () => {};
-    if (!releaseLarge) return all(interrupted());
+    const large = job.size > SEND_MAIL_MAX_BYTES ? await this.#slot(this.#largeKey, LARGE_AT_ONCE, job.signal) : null;
+    if (large === undefined) return all(interrupted());
     try {
       return await this.#deliverRead(job, mailbox, all);
     } finally {
-      releaseLarge();
+      large?.release();
     }
   }
 
@@ -133,13 +138,13 @@ export class GraphUpstreamTarget implements DeliveryTarget {
   ): Promise<RecipientResult[]> {
     let prepared: ReturnType<typeof withEnvelopeRecipients>;
     try {
-      prepared = withEnvelopeRecipients(await readAll(job.body()), job.recipients.map((r) => r.address));
+      prepared = withEnvelopeRecipients(await buffer(job.body()), job.recipients.map((r) => r.address));
     } catch (err) {
       return all(deliveryError('BODY_UNREADABLE', { reason: (err as Error).message }).toOutcome());
     }
     if ('stranger' in prepared) {
       const failure = deliveryError('GRAPH_RECIPIENTS', { destination: `upstream ${this.name}`, address: prepared.stranger }).toOutcome();
-      this.#holds.problem(mailbox, 'graph_recipients', failure, `a message names ${prepared.stranger} in its header but not as a recipient of this delivery; Graph would send it there too: route such mail over SMTP (method = "smtp") or give this upstream a fallback`);
+      this.#gate.holds.problem(mailbox, 'graph_recipients', failure, `a message names ${prepared.stranger} in its header but not as a recipient of this delivery; Graph would send it there too: route such mail over SMTP (method = "smtp") or give this upstream a fallback`);
       return all({ ...failure, configurationProblem: 'graph_recipients' });
     }
 
@@ -157,7 +162,7 @@ export class GraphUpstreamTarget implements DeliveryTarget {
     }
     const where = { remoteMta: new URL(this.#spec.graphUrl).host };
     if (verdict.status === 'delivered') {
-      this.#holds.recovered(mailbox, startedAt);
+      this.#gate.holds.recovered(mailbox, startedAt);
       return all({ status: 'delivered', code: null, enhanced: '2.0.0', response: verdict.response, ...where });
     }
     const outcome: DeliveryOutcome & { configurationProblem?: string } = {
@@ -169,10 +174,10 @@ export class GraphUpstreamTarget implements DeliveryTarget {
       ...(verdict.status === 'deferred' && verdict.problem && !verdict.retryAt ? { configurationProblem: verdict.problem } : {}),
     };
     if (verdict.status === 'deferred') {
-      if (verdict.hold && verdict.problem && verdict.advice) this.#holds.hold(verdict.hold === 'mailbox' ? mailbox : '', verdict.problem, outcome, verdict.advice);
-      else if (verdict.problem && verdict.advice) this.#holds.problem(mailbox, verdict.problem, outcome, verdict.advice);
+      if (verdict.hold && verdict.problem && verdict.advice) this.#gate.holds.hold(verdict.hold === 'mailbox' ? mailbox : '', verdict.problem, outcome, verdict.advice);
+      else if (verdict.problem && verdict.advice) this.#gate.holds.problem(mailbox, verdict.problem, outcome, verdict.advice);
       if (verdict.retryAt) {
-        this.#holds.pause(mailbox, verdict.retryAt, outcome);
+        this.#gate.holds.pause(mailbox, verdict.retryAt, outcome);
         return all({ ...outcome, retryAt: verdict.retryAt });
       }
     }
@@ -192,11 +197,11 @@ export class GraphUpstreamTarget implements DeliveryTarget {
           status: 'deferred',
           response: err.outcome.response,
           enhanced: err.outcome.enhanced,
-          ...(hold ? { hold, problem: 'token_refused', advice: `fix the app's credentials (${err.outcome.response.replace(/^\d\.\d+\.\d+ /, '')}), then restart Postern` } : {}),
+          ...(hold ? { hold, problem: 'token_refused', advice: `fix the app's credentials (${withoutStatus(err.outcome.response)}), then restart Postern` } : {}),
         };
       }
-      const release = await this.#requests.take(this.#spec.concurrentRequests, signal);
-      if (!release) return interrupted();
+      const request = await this.#slot(this.#requestsKey, this.#spec.concurrentRequests, signal);
+      if (!request) return interrupted();
       let answer: HttpsAnswer | { error: Error };
       try {
         answer = small ? await this.#sendMail(mailbox, mime, token, signal) : await this.#sendLarge(mailbox, mime, token, signal);
@@ -205,7 +210,7 @@ export class GraphUpstreamTarget implements DeliveryTarget {
       } catch (err) {
         answer = { error: err as Error };
       } finally {
-        release();
+        request.release();
       }
       if (signal?.aborted) return interrupted();
       if ('error' in answer) {
@@ -337,9 +342,11 @@ export class GraphUpstreamTarget implements DeliveryTarget {
     const said = (enhanced: string) => `${enhanced} Microsoft Graph answered ${answer.status} ${code}: ${message}`;
     const retryAfter = retryAfterMs(answer.headers['retry-after']);
     switch (true) {
-      case answer.status === 429 || answer.status === 503 || answer.status === 504 || answer.status >= 500: {
+      case answer.status === 429 || answer.status >= 500: {
+        // 429: throttled (4.7.0); 5xx: Graph itself unavailable (4.4.2).
+        const enhanced = answer.status === 429 ? '4.7.0' : '4.4.2';
         const waitMs = retryAfter ?? (answer.status === 429 ? 60_000 : undefined);
-        return { status: 'deferred', enhanced: '4.7.0', response: said(answer.status === 429 ? '4.7.0' : '4.4.2'), ...(waitMs ? { retryAt: this.#now() + waitMs } : {}) };
+        return { status: 'deferred', enhanced, response: said(enhanced), ...(waitMs ? { retryAt: this.#now() + waitMs } : {}) };
       }
       case answer.status === 401:
         return {
@@ -408,40 +415,6 @@ export class GraphUpstreamTarget implements DeliveryTarget {
 
 }
 
-/**
- * A counting semaphore whose waiters give up on abort (shutdown): take() resolves to a release
- * function, or to undefined when the signal fired first.
- */
-class Semaphore {
-  #active = 0;
-  readonly #waiting = new Set<() => void>();
-
-  async take(limit: number, signal: AbortSignal | undefined): Promise<(() => void) | undefined> {
-    while (this.#active >= limit) {
-      if (signal?.aborted) return undefined;
-      await new Promise<void>((resolve) => {
-        const wake = () => {
-          this.#waiting.delete(wake);
-          signal?.removeEventListener('abort', wake);
-          resolve();
-        };
-        this.#waiting.add(wake);
-        signal?.addEventListener('abort', wake, { once: true });
-      });
-    }
-    if (signal?.aborted) return undefined;
-    this.#active++;
-    let released = false;
-    return () => {
-      if (released) return;
-      released = true;
-      this.#active--;
-      const next = this.#waiting.values().next().value;
-      next?.();
-    };
-  }
-}
-
 /** Shutdown: back to the queue, not counted as an attempt (the queue runner sees the abort). */
 function interrupted(): GraphVerdict & { response: string; enhanced: string } & DeliveryOutcome {
   const e = deliveryError('INTERRUPTED');
@@ -458,12 +431,6 @@ function retryAfterMs(value: string | string[] | undefined): number | undefined 
   return Number.isFinite(date) ? Math.max(0, date - Date.now()) : undefined;
 }
 
-async function readAll(stream: Readable): Promise<Buffer> {
-  const chunks: Buffer[] = [];
-  for await (const chunk of stream) chunks.push(chunk as Buffer);
-  return Buffer.concat(chunks);
-}
-
 /**
  * The MIME to give Graph for these recipients: envelope recipients the header fields do not name
  * are added in a Bcc field (Exchange removes it from what recipients see), merged with one the
@@ -472,13 +439,14 @@ async function readAll(stream: Readable): Promise<Buffer> {
  * the header section is kept byte for byte.
  */
 export function withEnvelopeRecipients(mime: Buffer, recipients: string[]): { mime: Buffer } | { stranger: string } {
-  const end = headerEnd(mime);
+  const found = headerSectionEnd(mime);
+  const end = found < 0 ? mime.length : found;
   // "To : x" (a space before the colon) is old syntax, still a To field.
   const field = /^(to|cc|bcc)[ \t]*:((?:.*)(?:\r?\n[ \t].*)*)/gim;
   const named = new Set<string>();
   const bcc: string[] = [];
   for (const m of mime.subarray(0, end).toString('utf8').matchAll(field)) {
-    for (const a of flatten(addressparser(m[2]!.replace(/\r?\n[ \t]/g, ' ')))) {
+    for (const a of mailboxAddresses(m[2]!.replace(/\r?\n[ \t]/g, ' '))) {
       named.add(a.toLowerCase());
       if (m[1]!.toLowerCase() === 'bcc') bcc.push(a);
     }
@@ -491,20 +459,6 @@ export function withEnvelopeRecipients(mime: Buffer, recipients: string[]): { mi
   if (bcc.length === 0) return { mime: Buffer.concat([line, mime]) };
   const rest = mime.subarray(0, end).toString('latin1').replace(/^bcc[ \t]*:.*(?:\r?\n[ \t].*)*(?:\r?\n|$)/gim, '');
   return { mime: Buffer.concat([line, Buffer.from(rest, 'latin1'), mime.subarray(end)]) };
-}
-
-function flatten(list: ReturnType<typeof addressparser>): string[] {
-  return list.flatMap((a) => ('group' in a && a.group ? flatten(a.group) : 'address' in a && a.address ? [a.address] : []));
-}
-
-/** Offset of the blank line that ends the header section (the whole buffer if none). */
-function headerEnd(mime: Buffer): number {
-  const crlf = mime.indexOf('\r\n\r\n');
-  const lf = mime.indexOf('\n\n');
-  if (crlf < 0 && lf < 0) return mime.length;
-  if (crlf < 0) return lf + 1;
-  if (lf < 0) return crlf + 2;
-  return Math.min(crlf + 2, lf + 1);
 }
 
 const text = (a: AddressObject | AddressObject[] | undefined) => (a ? (Array.isArray(a) ? a.map((x) => x.text).join(', ') : a.text) : undefined);

@@ -30,13 +30,13 @@ export interface MailboxGateOptions {
 
 export class MailboxGate {
   readonly holds: UpstreamHolds;
-  readonly limits: SendLimits;
+  readonly #limits: SendLimits;
   readonly #o: MailboxGateOptions;
 
   constructor(options: MailboxGateOptions) {
     this.#o = options;
     this.holds = new UpstreamHolds(options.name, options.log, options.now, options.events);
-    this.limits = new SendLimits(options.limits, (w) => this.#budgetWarning(w));
+    this.#limits = new SendLimits(options.limits, (w) => this.#budgetWarning(w));
   }
 
   /** The mailbox to send `job` as, or the results to give without sending (no mailbox, held). */
@@ -55,7 +55,7 @@ export class MailboxGate {
     const held = this.holds.held(mailbox);
     if (held) {
       // It will not come back for a slot it may have been given.
-      this.limits.cancel(mailbox, job.queueId);
+      this.#limits.cancel(mailbox, job.queueId);
       return { results: forAll(job, held) };
     }
     return { mailbox };
@@ -69,20 +69,23 @@ export class MailboxGate {
    */
   async turn(job: DeliveryJob, mailbox: string, recipients: number, messages: number): Promise<RecipientResult[] | undefined> {
     const now = this.#o.now;
-    const admit = () => this.limits.admit(mailbox, job.queueId, recipients, now(), messages);
+    const admit = () => this.#limits.admit(mailbox, job.queueId, recipients, now(), messages);
     let admission = admit();
-    for (let tries = 0; !admission.go && admission.at - now() <= this.limits.shortWaitMs && tries < 5; tries++) {
+    for (let tries = 0; !admission.go && admission.at - now() <= this.#limits.shortWaitMs && tries < 5; tries++) {
       const waited = await sleep(Math.max(0, admission.at - now()), undefined, job.signal ? { signal: job.signal } : undefined).then(
         () => true,
         () => false,
       );
       if (!waited) {
-        this.limits.cancel(mailbox, job.queueId);
+        this.#limits.cancel(mailbox, job.queueId);
         return forAll(job, deliveryError('INTERRUPTED').toOutcome());
       }
       admission = admit();
     }
     if (admission.go) return undefined;
+    // A turn after the message expires is never taken (the queue runner bounces it): give the
+    // slot back now, so the mail behind it need not wait for a send that will not happen.
+    if (job.expiresAt !== undefined && admission.at > job.expiresAt) this.#limits.cancel(mailbox, job.queueId);
     const limit = `${mailbox} may send ${admission.limit.label}`;
     return forAll(job, {
       ...deliveryError('THROTTLED', { destination: `upstream ${this.#o.name}`, limit, until: new Date(admission.at).toISOString() }).toOutcome(),
@@ -92,7 +95,7 @@ export class MailboxGate {
 
   /** The send that turn() let go has finished: it counts from now (see send-limits.ts). */
   settle(mailbox: string, job: DeliveryJob): void {
-    this.limits.settle(mailbox, job.queueId, this.#o.now());
+    this.#limits.settle(mailbox, job.queueId, this.#o.now());
   }
 
   #budgetWarning(w: BudgetWarning): void {

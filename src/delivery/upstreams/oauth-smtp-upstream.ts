@@ -15,6 +15,7 @@
 //   5. The replies, read the provider's way (provider-replies.ts): throttling waits, problems an
 //      administrator must fix are deferred and logged with the fix, never bounced.
 import type { Logger } from '../../observe/logger.js';
+import { withoutStatus } from '../delivery-error.js';
 import type { DeliveryJob, DeliveryOutcome, DeliveryTarget, RecipientResult } from '../delivery-target.js';
 import type { SetupProblem } from '../smtp-session.js';
 import { SmtpTarget } from '../smtp-target.js';
@@ -24,7 +25,6 @@ import type { ReplyClassifier } from './provider-replies.js';
 import { MailboxGate } from './mailbox-gate.js';
 import type { WindowLimit } from './send-limits.js';
 import type { UpstreamContext } from './smtp-upstream.js';
-import type { UpstreamHolds } from './upstream-holds.js';
 
 export interface OAuthSmtpUpstreamSpec {
   name: string;
@@ -62,7 +62,6 @@ export class OAuthSmtpUpstreamTarget implements DeliveryTarget {
   readonly #log: Logger | undefined;
   readonly #now: () => number;
   readonly #gate: MailboxGate;
-  readonly #holds: UpstreamHolds;
   /** One SMTP target (own pool key, own connections) per mailbox, lower case. */
   readonly #mailboxes = new Map<string, SmtpTarget>();
 
@@ -75,7 +74,6 @@ export class OAuthSmtpUpstreamTarget implements DeliveryTarget {
     this.#log = context.logger?.child({ component: 'upstream', upstream: spec.name });
     this.#now = context.now ?? Date.now;
     this.#gate = new MailboxGate({ name: spec.name, mailbox: spec.mailbox, limits: spec.limits, log: this.#log, now: this.#now, events: context.events });
-    this.#holds = this.#gate.holds;
   }
 
   async deliver(job: DeliveryJob): Promise<RecipientResult[]> {
@@ -94,39 +92,39 @@ export class OAuthSmtpUpstreamTarget implements DeliveryTarget {
     } finally {
       this.#gate.settle(mailbox, job);
     }
-    if (results.some((r) => r.status === 'delivered')) this.#holds.recovered(mailbox, startedAt);
-    return results.map((result) => {
-      // A refused login (tagged by the setup) is named the provider's way: smtp_auth_disabled...
-      if (result.configurationProblem === 'auth_refused') {
-        const verdict = this.#spec.classify(result, { mailbox, sender: job.sender });
-        return verdict?.action === 'configuration' ? { ...result, status: 'deferred', configurationProblem: verdict.problem } : result;
-      }
-      return result.configurationProblem ? result : this.#read(result, mailbox, job.sender);
-    });
+    if (results.some((r) => r.status === 'delivered')) this.#gate.holds.recovered(mailbox, startedAt);
+    // Setup failures were read the provider's way in #onSetupProblem. Recipients that share a reply
+    // (one refusal at DATA) share its side effects: logged, paused or held once.
+    const acted = new Set<string>();
+    return results.map((result) => (result.configurationProblem ? result : this.#read(result, mailbox, job.sender, acted)));
   }
 
-  /** A result read the provider's way. */
-  #read(result: RecipientResult, mailbox: string, sender: string): RecipientResult {
+  /** A result read the provider's way; `acted` holds the replies whose side effects already ran. */
+  #read(result: RecipientResult, mailbox: string, sender: string, acted: Set<string>): RecipientResult {
     const verdict = this.#spec.classify(result, { mailbox, sender });
     if (!verdict) return result;
+    const first = !acted.has(result.response);
+    acted.add(result.response);
     switch (verdict.action) {
       case 'retry':
-        if (verdict.advice) {
+        if (verdict.advice && first) {
           this.#log?.warn({ event: 'upstream_temporary', mailbox, code: result.code, response: result.response }, `upstream ${this.name}: ${verdict.advice}; retried`);
         }
         return result.status === 'failed' ? { ...result, status: 'deferred' } : result;
       case 'retry_later': {
         // The mailbox's other mail waits as well, instead of each message being told the same.
         const until = this.#now() + verdict.afterMs;
-        this.#holds.pause(mailbox, until, result);
+        if (!first) return { ...result, status: 'deferred', retryAt: until };
+        this.#gate.holds.pause(mailbox, until, result);
         this.#log?.warn({ event: 'upstream_throttled', mailbox, code: result.code, response: result.response, retryInMs: verdict.afterMs }, `upstream ${this.name}: ${verdict.advice}`);
         return { ...result, status: 'deferred', retryAt: until };
       }
       case 'fail':
         return result;
       case 'configuration':
-        if (verdict.hold) this.#holds.hold(verdict.hold === 'mailbox' ? mailbox : '', verdict.problem, result, verdict.advice);
-        else this.#holds.problem(mailbox, verdict.problem, result, verdict.advice);
+        if (!first) return { ...result, status: 'deferred', configurationProblem: verdict.problem };
+        if (verdict.hold) this.#gate.holds.hold(verdict.hold === 'mailbox' ? mailbox : '', verdict.problem, result, verdict.advice);
+        else this.#gate.holds.problem(mailbox, verdict.problem, result, verdict.advice);
         return { ...result, status: 'deferred', configurationProblem: verdict.problem };
     }
   }
@@ -161,12 +159,13 @@ export class OAuthSmtpUpstreamTarget implements DeliveryTarget {
     return target;
   }
 
-  #onSetupProblem(mailbox: string, problem: SetupProblem, failure: DeliveryOutcome): void {
+  /** Holds or logs what a failed setup means; returns the provider's name for a refused login. */
+  #onSetupProblem(mailbox: string, problem: SetupProblem, failure: DeliveryOutcome): string | undefined {
     switch (problem) {
       case 'token_refused':
         // Microsoft: the app's credentials, refused for every mailbox alike. Google: this
         // mailbox's delegation (others may have it).
-        this.#holds.hold(
+        this.#gate.holds.hold(
           this.#spec.tokenScope === 'mailbox' ? mailbox : '',
           'token_refused',
           failure,
@@ -176,20 +175,21 @@ export class OAuthSmtpUpstreamTarget implements DeliveryTarget {
       case 'auth_refused': {
         const verdict = this.#spec.classify(failure, { mailbox, sender: mailbox });
         if (verdict?.action === 'configuration') {
-          this.#holds.hold(verdict.hold === 'upstream' ? '' : mailbox, verdict.problem, failure, verdict.advice);
-        } else {
-          this.#holds.hold(mailbox, 'auth_refused', failure, `${providerName(this.#spec.provider)} refused the login of ${mailbox} with the app's token: check the app's permissions for this mailbox`);
+          this.#gate.holds.hold(verdict.hold === 'upstream' ? '' : mailbox, verdict.problem, failure, verdict.advice);
+          // smtp_auth_disabled, tenant_not_found...: the fallback and the logs say which.
+          return verdict.problem;
         }
-        return;
+        this.#gate.holds.hold(mailbox, 'auth_refused', failure, `${providerName(this.#spec.provider)} refused the login of ${mailbox} with the app's token: check the app's permissions for this mailbox`);
+        return undefined;
       }
       case 'auth_unavailable':
-        this.#holds.problem('', problem, failure, `${hostPortLabel(this.#spec.host, this.#spec.port)} does not offer AUTH XOAUTH2 after STARTTLS: check smtp (host and port)`);
+        this.#gate.holds.problem('', problem, failure, `${hostPortLabel(this.#spec.host, this.#spec.port)} does not offer AUTH XOAUTH2 after STARTTLS: check smtp (host and port)`);
         return;
       case 'certificate':
-        this.#holds.problem('', problem, failure, 'the TLS certificate of the SMTP server or token endpoint is not trusted: set ca_file to the CA that issued it');
+        this.#gate.holds.problem('', problem, failure, 'the TLS certificate of the SMTP server or token endpoint is not trusted: set ca_file to the CA that issued it');
         return;
       case 'tls_unavailable':
-        this.#holds.problem('', problem, failure, 'the SMTP server does not offer STARTTLS: check smtp (host and port)');
+        this.#gate.holds.problem('', problem, failure, 'the SMTP server does not offer STARTTLS: check smtp (host and port)');
         return;
     }
   }
@@ -200,6 +200,3 @@ function providerName(provider: string): string {
   return provider === 'google' ? 'Google' : 'Microsoft 365';
 }
 
-function withoutStatus(response: string): string {
-  return response.replace(/^\d\.\d{1,3}\.\d{1,3} /, '');
-}

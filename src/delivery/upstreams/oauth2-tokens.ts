@@ -23,7 +23,7 @@ import { createHash, createPrivateKey, randomUUID, X509Certificate, type KeyObje
 import type { Secret } from '../../config/secret.js';
 import { deliveryError } from '../delivery-error.js';
 import { TokenFailure } from '../smtp-session.js';
-import { httpsRequest } from './https-client.js';
+import { type HttpsAnswer, httpsRequest, jsonBody } from './https-client.js';
 
 /** jose is loaded when a JWT is first signed (certificate credentials, Google): 9 MB of RSS otherwise spent by every Postern. */
 const loadJose = () => import('jose');
@@ -113,25 +113,20 @@ abstract class CachingTokenSource implements TokenSource {
 
   /** POSTs a form to the token endpoint and reads the token out of the JSON answer. */
   protected async requestToken(url: string, form: Record<string, string>, explain: (error: OAuthErrorBody) => string): Promise<{ value: string; expiresIn: number }> {
-    let answer: { status: number; body: string };
+    let answer: HttpsAnswer;
     try {
-      const raw = await httpsRequest(
+      answer = await httpsRequest(
         url,
         { method: 'POST', headers: { 'content-type': 'application/x-www-form-urlencoded', accept: 'application/json' }, body: new URLSearchParams(form).toString() },
         this.options,
       );
-      answer = { status: raw.status, body: raw.body.toString('utf8') };
     } catch (err) {
       throw new TokenFailure(
         deliveryError('TOKEN_UNAVAILABLE', { destination: this.options.destination, reason: `${new URL(url).origin}: ${(err as Error).message}` }).toOutcome(),
       );
     }
-    let json: Record<string, unknown> = {};
-    try {
-      json = JSON.parse(answer.body) as Record<string, unknown>;
-    } catch {
-      // not JSON: handled by the status below
-    }
+    // Not JSON: handled by the status below.
+    const json = jsonBody(answer) ?? {};
     if (answer.status === 200 && typeof json.access_token === 'string') {
       const expiresIn = Number(json.expires_in);
       return { value: json.access_token, expiresIn: Number.isFinite(expiresIn) && expiresIn > 0 ? expiresIn : 3600 };
@@ -144,7 +139,7 @@ abstract class CachingTokenSource implements TokenSource {
         'token_refused',
       );
     }
-    const what = typeof error.error === 'string' ? `${error.error}: ${firstLine(error.error_description)}` : firstLine(answer.body) || 'no token in the answer';
+    const what = typeof error.error === 'string' ? `${error.error}: ${firstLine(error.error_description)}` : firstLine(answer.body.toString('utf8')) || 'no token in the answer';
     throw new TokenFailure(
       deliveryError('TOKEN_UNAVAILABLE', { destination: this.options.destination, reason: `HTTP ${answer.status} from ${new URL(url).origin}: ${what}` }).toOutcome(),
     );
@@ -191,10 +186,6 @@ export class MicrosoftTokenSource extends CachingTokenSource {
         thumbprint: createHash('sha256').update(der).digest('base64url'),
       };
     }
-  }
-
-  get tokenUrl(): string {
-    return this.#tokenUrl;
   }
 
   /** One token per tenant and app: Exchange takes the mailbox from the XOAUTH2 login. */

@@ -113,10 +113,6 @@ export class SendLimits {
     this.#onWarning = onWarning;
   }
 
-  get limits(): readonly WindowLimit[] {
-    return this.#limits;
-  }
-
   /**
    * A wait this short is better spent where the message is than on a trip back through the
    * queue: a tenth of the shortest window (6 s for "a minute"), at most 5 s.
