@@ -1,7 +1,7 @@
 // The figures the bench produces, the targets from the issue, and the table printed at the end.
 // Targets are judged here and only here, so the table, the JSON and docs/benchmarks.md agree.
 import { type UpstreamBenchFigures, formatUpstreamFigures } from './upstream-bench.js';
-import type { MachineInfo } from './proc-stats.js';
+import type { MachineInfo, MemoryBreakdown } from './proc-stats.js';
 
 export type PortKind = 'submission' | 'relay';
 
@@ -60,7 +60,7 @@ export interface IdleFigures {
   /** Lowest VmRSS in the 2 s the connections were held (after a collection, say). */
   rssWithIdleLowestBytes: number;
   /** Where the RSS was at the end of the 2 s (anonymous, file-backed, the main thread's malloc heap). */
-  breakdown?: { anon: number; file: number; mallocHeap: number };
+  breakdown?: MemoryBreakdown;
 }
 
 /** VmRSS of a server while it receives one message just under max_message_size. */

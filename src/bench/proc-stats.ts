@@ -24,11 +24,13 @@ export function readMemory(pid: number): MemoryReading | undefined {
   } catch {
     return undefined;
   }
-  const kb = (field: string) => {
-    const m = new RegExp(`^${field}:\\s+(\\d+) kB`, 'm').exec(text);
-    return m ? Number(m[1]) * 1024 : 0;
-  };
-  return { rss: kb('VmRSS'), peak: kb('VmHWM') };
+  return { rss: statusBytes(text, 'VmRSS'), peak: statusBytes(text, 'VmHWM') };
+}
+
+/** A "Field:   123 kB" line of /proc/<pid>/status, in bytes (0 when absent). */
+function statusBytes(status: string, field: string): number {
+  const m = new RegExp(`^${field}:\\s+(\\d+) kB`, 'm').exec(status);
+  return m ? Number(m[1]) * 1024 : 0;
 }
 
 /**
@@ -46,10 +48,9 @@ export interface MemoryBreakdown {
 export function readMemoryBreakdown(pid: number): MemoryBreakdown | undefined {
   try {
     const status = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
-    const kb = (field: string) => Number(new RegExp(`^${field}:\\s+(\\d+) kB`, 'm').exec(status)?.[1] ?? 0) * 1024;
     const smaps = fs.readFileSync(`/proc/${pid}/smaps`, 'utf8');
     const heap = /\[heap\]\n(?:.*\n)*?Rss:\s+(\d+) kB/.exec(smaps);
-    return { anon: kb('RssAnon'), file: kb('RssFile') + kb('RssShmem'), mallocHeap: heap ? Number(heap[1]) * 1024 : 0 };
+    return { anon: statusBytes(status, 'RssAnon'), file: statusBytes(status, 'RssFile') + statusBytes(status, 'RssShmem'), mallocHeap: heap ? Number(heap[1]) * 1024 : 0 };
   } catch {
     return undefined;
   }

@@ -154,8 +154,8 @@ async function main(): Promise<void> {
       const stockTls = await startDiscardServer({ ...serverBase, role: 'stock-tls', tlsAndAuth: true, stockGreetingDelay: true });
       children.push(stockTls);
       const durableDir = path.join(dir, 'durable-ceiling');
-      fs.mkdirSync(path.join(durableDir, 'plain'), { recursive: true });
-      const durableTls = await startDiscardServer({ ...serverBase, role: durableCeilingFor('submission'), tlsAndAuth: true, stockGreetingDelay: false, durableDir });
+      for (const sub of ['tls', 'plain']) fs.mkdirSync(path.join(durableDir, sub), { recursive: true });
+      const durableTls = await startDiscardServer({ ...serverBase, role: durableCeilingFor('submission'), tlsAndAuth: true, stockGreetingDelay: false, durableDir: path.join(durableDir, 'tls') });
       children.push(durableTls);
       const durablePlain = await startDiscardServer({ ...serverBase, role: durableCeilingFor('relay'), tlsAndAuth: false, stockGreetingDelay: false, durableDir: path.join(durableDir, 'plain') });
       children.push(durablePlain);
