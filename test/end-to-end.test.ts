@@ -67,7 +67,7 @@ describe('submission to delivery', () => {
     expect(msg!.to).toEqual(['frontdesk@example.test']);
     expect(msg!.heloName).toBe('relay.example.test');
     expect(msg!.text).toMatch(new RegExp(`^Received: from .*\\r\\n\\tby relay\\.example\\.test \\(Postern\\) with ESMTPSA id ${queueId}`, 's'));
-    expect(msg!.text).toMatch(/\r\nMessage-ID: <[0-9a-f]+@relay\.example\.test>\r\n/);
+    expect(msg!.text).toMatch(/\r\nMessage-ID: <[0-9a-f-]{36}@relay\.example\.test>\r\n/);
     expect(msg!.text).toContain('Subject: Scan 0042\r\n\r\nscan attached\r\n');
     const stored = await waitFor(async () => {
       const m = await t.postern.store.getMessage(queueId);

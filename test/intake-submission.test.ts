@@ -110,7 +110,7 @@ describe('submission listener', () => {
     const body = await queuedBody(queueId);
     const [head] = body.split('\r\n\r\n');
     expect(head).toMatch(/^Received: from \S+ \(\[127\.0\.0\.1\]\)\r\n\t\(using TLSv1\.[23] with cipher [A-Z0-9_-]+\)\r\n\t\(Authenticated sender: printer@example\.com\)\r\n\tby relay\.example\.test \(Postern\) with ESMTPSA id /);
-    expect(head).toMatch(/\r\nMessage-ID: <[0-9a-f]{24}@relay\.example\.test>\r\n/);
+    expect(head).toMatch(/\r\nMessage-ID: <[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}@relay\.example\.test>\r\n/);
     expect(head).toMatch(/\r\nDate: \w{3}, \d{1,2} \w{3} \d{4} \d\d:\d\d:\d\d \+0000\r\n/);
     expect(message?.messageIdHeader).toMatch(/@relay\.example\.test>$/);
     expect(body).toContain('Subject: scan\r\n\r\nscan attached\r\n');

@@ -21,7 +21,8 @@
 // default: the config's, info), BENCH_POSTERN_NODE_ARGS (extra node flags for Postern, e.g.
 // "--max-semi-space-size=2"), BENCH_POLICY=off (`[policy] enforce = false`; by default the policy
 // runs with limits far above the load), BENCH_KEEP=1 (keep the whole temp dir; by default only the
-// results, the profile and the config are kept), BENCH_ONLY=memory|throughput (one half), quick (c=50 and end-to-end only, for iterating), or upstream (1,000
+// results, the profile and the config are kept), BENCH_ONLY=memory|throughput (one half), quick (c=50 and end-to-end only, for iterating), intake (the c=50
+// rows with delivery held back only, for profiling the intake), or upstream (1,000
 // messages through the Microsoft 365 stand-in only, about 30 s).
 import fs from 'node:fs';
 import os from 'node:os';
@@ -73,7 +74,7 @@ const settings = {
   policy: envChoice('BENCH_POLICY', ['on', 'off']),
   /** BENCH_DELIVERY_THREAD=1: Postern runs with `[delivery] thread = true`. */
   deliveryThread: process.env.BENCH_DELIVERY_THREAD === '1',
-  only: envChoice('BENCH_ONLY', ['all', 'memory', 'throughput', 'quick', 'upstream']),
+  only: envChoice('BENCH_ONLY', ['all', 'memory', 'throughput', 'quick', 'intake', 'upstream']),
   messageSize: MESSAGE_SIZE,
   concurrency: CONCURRENCY,
 };
@@ -192,6 +193,8 @@ async function main(): Promise<void> {
       await bench.drain();
 
       const quick = settings.only === 'quick';
+      /** BENCH_ONLY=intake: only the c=50 rows with delivery held back, to profile the intake. */
+      const intakeOnly = settings.only === 'intake';
       if (settings.only === 'all' || settings.only === 'memory') {
         say('35 MiB message to Postern');
         results.bigMessage.push(await bench.bigMessage('postern', postern.pid, postern.ports.submission));
@@ -202,7 +205,7 @@ async function main(): Promise<void> {
       }
 
       if (settings.only !== 'memory') {
-        for (const port of ['submission', 'relay'] as const) {
+        for (const port of intakeOnly ? [] : (['submission', 'relay'] as const)) {
           for (const mode of ['new', 'reuse'] as const) {
             for (const c of quick ? [50] : CONCURRENCY) {
               const ceiling = port === 'submission' ? ceilingTls : ceilingPlain;
@@ -251,15 +254,17 @@ async function main(): Promise<void> {
             say(`  postern (intake only) ${figures.messagesPerSecond.toFixed(0)}/s, drained in ${figures.drainSeconds.toFixed(1)} s`);
           }
         }
-        for (const c of quick ? [] : [1, 50]) {
+        for (const c of quick || intakeOnly ? [] : [1, 50]) {
           say(`stock smtp-server new conn/msg c=${c}`);
           results.scenarios.push(await bench.scenario('stock-tls', stockTls.pid, stockTls.port, 'submission', 'new', c));
         }
         results.cpuChecksMs.push(cpuCheckMs());
-        say('end-to-end');
-        results.endToEnd = await bench.endToEnd(postern.ports.submission);
+        if (!intakeOnly) {
+          say('end-to-end');
+          results.endToEnd = await bench.endToEnd(postern.ports.submission);
+        }
 
-        if (settings.policy === 'on' && !quick) {
+        if (settings.policy === 'on' && !quick && !intakeOnly) {
           // Policy overhead, in this run: a second Postern, identical but for `[policy] enforce =
           // false`, takes the same 587 loads right after the first takes them again.
           say('policy overhead: a second Postern with [policy] enforce = false');

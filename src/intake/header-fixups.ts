@@ -3,7 +3,7 @@
 // every header field. Only the header block is buffered, and only up to a bound, 256 KiB like
 // Exchange Online's header limit: a header section larger than that is refused (552 5.3.4), never
 // passed on unchecked, since the policy could not see all of it.
-import { randomBytes } from 'node:crypto';
+import { randomUUID } from 'node:crypto';
 import { Transform, type TransformCallback } from 'node:stream';
 import { type SmtpReplyError, smtpError } from '../errors/smtp-errors.js';
 import { formatRfc5322Date } from '../mail/rfc5322-date.js';
@@ -147,7 +147,8 @@ export class HeaderFixups extends Transform {
     if (existingId) {
       this.messageId = existingId;
     } else {
-      this.messageId = `<${randomBytes(12).toString('hex')}@${this.#hostname}>`;
+      // A UUID's 122 random bits, from Node's cache of them (see queue-id.ts).
+      this.messageId = `<${randomUUID()}@${this.#hostname}>`;
       own(`Message-ID: ${this.messageId}\r\n`);
     }
     if (!fields.has('date')) own(`Date: ${formatRfc5322Date(this.#date)}\r\n`);

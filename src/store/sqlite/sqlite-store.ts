@@ -293,7 +293,16 @@ export class SqliteStore implements Store {
         },
       });
     }
-    if (row) return Readable.from([row.data], { objectMode: false });
+    if (row) {
+      // One chunk, pushed at the first read: Readable.from would run an async iterator for it.
+      const data = row.data;
+      return new Readable({
+        read() {
+          this.push(data);
+          this.push(null);
+        },
+      });
+    }
     return this.#spool.read(queueId);
   }
 
