@@ -232,4 +232,23 @@ describe('QueueRunner', () => {
     await final(store, queueId);
     expect(Date.now() - started).toBeLessThan(2000);
   });
+
+  test('while most slots are busy, a new message is still claimed and sent within the batch wait, not after the busy ones', async () => {
+    // concurrency 8: claims wait for 2 free slots while 2 or more deliveries run (at most 20 ms).
+    // Seven messages held at the sink leave one slot free; the eighth must go out while they are held.
+    const sink = await startSink({ behaviour: { dataDelayMs: 3000 } });
+    const env = await environment(sink.port, { delivery: { concurrency: 8, per_destination: 8, command_timeout: '10s' } });
+    const { store, runner } = await open(env);
+    await runner.start();
+    for (let i = 0; i < 7; i++) await enqueue(store, [`held${i}@dest.test`]);
+    runner.notify();
+    await waitFor(() => sink.events.filter((e) => e.startsWith('data')).length === 7, 2000, 'seven messages at the sink');
+    const started = Date.now();
+    const eighth = await enqueue(store, ['eighth@dest.test']);
+    runner.notify();
+    await waitFor(() => sink.events.filter((e) => e.startsWith('data')).length === 8, 1000, 'the eighth message at the sink');
+    expect(Date.now() - started).toBeLessThan(1000);
+    expect(sink.messages).toHaveLength(0); // the first seven are still waiting for their replies
+    expect((await final(store, eighth, 8000)).recipients[0]).toMatchObject({ state: 'delivered', attempts: 1 });
+  });
 });
