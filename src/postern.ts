@@ -31,7 +31,7 @@ export interface StartOptions {
   stopGraceMs?: number;
   /**
    * Run the queue runner in a worker thread (queue/delivery-thread.ts); `postern serve` does when
-   * `[delivery] thread = true`. Needs the compiled code (dist/): tests that run from the
+   * `[delivery] thread` says so (by default, on two cores or more). Needs the compiled code (dist/): tests that run from the
    * TypeScript sources deliver in this thread, test/delivery-thread.test.ts runs `postern serve`.
    */
   deliveryThread?: boolean;

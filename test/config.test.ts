@@ -3,6 +3,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { ConfigError, loadConfig, parseConfigText } from '../src/config/load-config.js';
+import { deliversInThread } from '../src/queue/delivery-thread.js';
 import { tempDir } from './helpers/temp-dir.js';
 
 export const EXAMPLE = `hostname = "relay.example.test"      # banner and EHLO name
@@ -110,6 +111,14 @@ describe('configuration', () => {
     ]);
     expect(problems(`${isp}port = 99999\n`)[0]).toMatch(/^upstream\[0\]\.port: /);
     expect(problems(`${isp}username = "u"\n`)).toEqual(['upstream[0].username: a username needs password_file or password_env']);
+  });
+
+  it('[delivery] thread: "auto" by default, a thread of its own from two cores; true and false decide outright', () => {
+    const thread = (text: string) => parseConfigText(text, '/etc/postern/postern.toml').delivery.thread;
+    expect(thread('')).toBe('auto');
+    expect([deliversInThread('auto', 1), deliversInThread('auto', 2), deliversInThread(true, 1), deliversInThread(false, 8)]).toEqual([false, true, true, false]);
+    expect(thread('[delivery]\nthread = false\n')).toBe(false);
+    expect(problems('[delivery]\nthread = "yes"\n')).toEqual(['delivery.thread: expected true, false or "auto"']);
   });
 
   it('reports TOML syntax errors with the file name', () => {

@@ -72,8 +72,8 @@ const settings = {
   posternNodeArgs: (process.env.BENCH_POSTERN_NODE_ARGS ?? '').split(' ').filter(Boolean),
   logLevel: process.env.BENCH_LOG_LEVEL || 'info (config default)',
   policy: envChoice('BENCH_POLICY', ['on', 'off']),
-  /** BENCH_DELIVERY_THREAD=1: Postern runs with `[delivery] thread = true`. */
-  deliveryThread: process.env.BENCH_DELIVERY_THREAD === '1',
+  /** BENCH_DELIVERY_THREAD=0 or 1: Postern runs with `[delivery] thread = false` or `true`; else the default ("auto"). */
+  deliveryThread: envChoice('BENCH_DELIVERY_THREAD', ['auto', '0', '1']),
   only: envChoice('BENCH_ONLY', ['all', 'memory', 'throughput', 'quick', 'intake', 'upstream']),
   messageSize: MESSAGE_SIZE,
   concurrency: CONCURRENCY,
@@ -172,7 +172,7 @@ async function main(): Promise<void> {
           nodeArgs: [...settings.posternNodeArgs, ...(settings.cpuProfile ? ['--cpu-prof', `--cpu-prof-dir=${profileDir}`] : [])],
           logLevel: process.env.BENCH_LOG_LEVEL || undefined,
           enforcePolicy: settings.policy === 'on',
-          ...(settings.deliveryThread ? { extraConfig: '\n[delivery]\nthread = true\n' } : {}),
+          ...(settings.deliveryThread === 'auto' ? {} : { extraConfig: `\n[delivery]\nthread = ${settings.deliveryThread === '1'}\n` }),
         },
         ACCOUNT,
       );

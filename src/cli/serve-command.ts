@@ -6,6 +6,7 @@ import type { BoundListener } from '../intake/intake.js';
 import { expiresSoon } from '../intake/tls-material.js';
 import { createLogger } from '../observe/logger.js';
 import { type Postern, startPostern } from '../postern.js';
+import { deliversInThread } from '../queue/delivery-thread.js';
 import { configFor } from './cli-context.js';
 import { MemoryRelief } from './memory-relief.js';
 import { capYoungGeneration } from './young-generation.js';
@@ -25,7 +26,7 @@ export function registerServeCommand(program: Command): void {
         process.once('SIGTERM', () => resolve('SIGTERM'));
         process.once('SIGINT', () => resolve('SIGINT'));
       });
-      const postern = await startPostern(config, logger, { deliveryThread: config.delivery.thread });
+      const postern = await startPostern(config, logger, { deliveryThread: deliversInThread(config.delivery.thread) });
       capYoungGeneration(YOUNG_GENERATION_BYTES);
       const relief = new MemoryRelief({ logger });
       relief.start();

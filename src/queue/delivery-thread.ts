@@ -8,17 +8,21 @@
 // (SQLite in WAL mode lets both write, one commit at a time; the store waits for the other's lock
 // asynchronously), and a slow delivery path never delays a 250.
 //
-// Why it is optional (`[delivery] thread`, off by default): measured on the same 2-core machine,
-// the thread raised end-to-end throughput by 20 to 30% and new-connection accept rates by 10 to
-// 30%, but a second V8 isolate and its malloc arena cost 20 MB at start and 50 to 60 MB after load
-// (RSS with 1,000 idle connections about 170 MB against 110 MB). Devices and apps rarely send
-// enough to need it; a busy relay with cores to spare should turn it on.
+// When (`[delivery] thread`, "auto" by default: on machines with two cores or more): measured with
+// `npm run bench` on 2 cores on 2026-11-29, the thread raised the accept rate of new connections
+// per message (how devices send) by 25% on port 587 and 60% on the relay port, and end-to-end
+// throughput by 15%; reused connections lost 5% (the deliveries now keep pace with the intake, on
+// the same two cores). A second V8 isolate costs about 30 MB: 115 MB at start against 84, 127 to
+// 130 MB with 1,000 idle connections after load against 120 (memory relief runs in both threads).
+// On one core the two event loops would only take turns, so "auto" keeps delivery in the main
+// thread there; `true` or `false` decide it outright.
 //
 // The contract is the QueueRunner's: start() (after releasing what a crash left in flight),
 // notify() when mail was queued, stop(grace) to finish or release deliveries in progress. The
 // worker's log lines come back here and go out through this process's logger stream, so there is
 // still one stream of whole JSON lines. Should the worker die (a bug, not a delivery problem), it
 // is started again after a pause: its recipients in flight are released at start, as after a crash.
+import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import pino from 'pino';
 import { type Config, ConfigError } from '../config/load-config.js';
@@ -42,6 +46,11 @@ const WORKER_SCRIPT = new URL('./delivery-worker.js', import.meta.url);
 const WORKER_YOUNG_GENERATION_MB = 8;
 /** Pause before a worker that died is started again. */
 const RESTART_PAUSE_MS = 1000;
+
+/** `[delivery] thread` resolved: "auto" is a thread of its own with two cores or more. */
+export function deliversInThread(setting: boolean | 'auto', cores = availableParallelism()): boolean {
+  return setting === 'auto' ? cores >= 2 : setting;
+}
 
 export class DeliveryThread {
   readonly #config: Config;
