@@ -31,8 +31,9 @@ export interface StartOptions {
   stopGraceMs?: number;
   /**
    * Run the queue runner in a worker thread (queue/delivery-thread.ts); `postern serve` does when
-   * `[delivery] thread` says so (by default, on two cores or more). Needs the compiled code (dist/): tests that run from the
-   * TypeScript sources deliver in this thread, test/delivery-thread.test.ts runs `postern serve`.
+   * `[delivery] thread` says so (by default, on two cores or more). Needs the compiled code
+   * (dist/): tests that run from the TypeScript sources deliver in this thread; the tests that run
+   * `postern serve` (test/delivery-thread.test.ts and others) get the thread.
    */
   deliveryThread?: boolean;
 }

@@ -483,8 +483,8 @@ export class SmtpSession {
       });
       // pipe with the two links pipeline() would make, not pipeline() itself: that one builds an
       // AbortController per call and aborts it at the end, a DOMException with a stack trace per
-      // message, 3% of a delivery's CPU.
-      // The error listener stays: a body that fails after the transaction is over has no one to tell.
+      // message, 3% of a delivery's CPU. The error listener stays after the transaction: a body
+      // that fails then must not become an uncaught error.
       body.on('error', (err: Error) => counted?.destroy(err));
       counted.once('close', () => body.destroy());
       body.pipe(counted);
