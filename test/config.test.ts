@@ -100,6 +100,7 @@ describe('configuration', () => {
     expect(problems('[[route]]\ndomains = ["a.example"]\nhost = "h"\ntls = "sometimes"\n')[0]).toMatch(/^route\[0\]\.tls: /);
     expect(problems('[limits]\nmax_recipients = "lots"\n')[0]).toMatch(/^limits\.max_recipients: .*number/);
     expect(problems('[queue]\nlifetime = "5 days"\n')[0]).toMatch(/^queue\.lifetime: expected a duration/);
+    expect(problems('[queue]\nretention = "12h"\n')).toEqual(['queue.retention: must be at least "1d": the daily sending limits count the last day of mail from the store']);
   });
 
   it('names an unknown key in an upstream or a routing rule (the tables are strict too)', () => {

@@ -251,4 +251,25 @@ describe('QueueRunner', () => {
     expect(sink.messages).toHaveLength(0); // the first seven are still waiting for their replies
     expect((await final(store, eighth, 8000)).recipients[0]).toMatchObject({ state: 'delivered', attempts: 1 });
   });
+
+  test('deletes finished messages past [queue] retention, keeps pending ones, and logs it', async () => {
+    const sink = await startSink({ behaviour: { rcpt: { 'later@dest.test': { code: 451, message: '4.3.0 Try later' } } } });
+    const env = await environment(sink.port, { queue: { retention: '1d' } });
+    const store = await openStore(env.dir);
+    // The runner's clock runs two days ahead: everything received now is past a one-day retention.
+    const runner = new QueueRunner({ store, config: env.config, logger: env.logger, dnsTimeout: 300, now: () => Date.now() + 2 * 86_400_000, purgeInterval: 100 });
+    cleanups.push(async () => {
+      await runner.stop(0);
+      await store.close();
+    });
+    const done = await enqueue(store, ['a@dest.test']);
+    const pending = await enqueue(store, ['later@dest.test']);
+    await runner.start();
+    await waitFor(() => env.logs.find((l) => l.event === 'purged'), 5000, 'a purge');
+    expect(await store.getMessage(done)).toBeUndefined();
+    expect(sink.messages.map((m) => m.to)).toEqual([['a@dest.test']]);
+    expect((await store.getMessage(pending))!.recipients[0]).toMatchObject({ state: 'deferred', lastCode: 451 });
+    expect(env.logs.find((l) => l.event === 'purged')).toMatchObject({ messages: 1 });
+  });
 });
+

@@ -409,6 +409,40 @@ for (const backend of BACKENDS) {
       expect(await store.deleteMessage(b)).toBe(false);
       await store.close();
     });
+
+    it('purges finished messages received before the cutoff, oldest first, never pending ones', async () => {
+      const store = await backend.open(tempDir());
+      const day = 86_400_000;
+      const now = Date.now();
+      const at = (daysAgo: number) => ({ receivedAt: now - daysAgo * day, expiresAt: now + day });
+      const oldDelivered = await put(store, 'old delivered\r\n', at(40));
+      const olderFailed = await put(store, 'older failed\r\n', at(45));
+      const oldPending = await put(store, 'old pending\r\n', at(41));
+      const recentDelivered = await put(store, 'recent delivered\r\n', at(2));
+      const finish = async (id: string, state: 'delivered' | 'failed') => {
+        const outcome = state === 'delivered' ? delivered : (index: number) => ({ index, state, code: 550, response: '550 5.1.1 no such user' });
+        await store.recordOutcomes(id, [outcome(0), outcome(1)], now);
+      };
+      await store.claimDue(now, 10);
+      await finish(oldDelivered, 'delivered');
+      await finish(olderFailed, 'failed');
+      await finish(recentDelivered, 'delivered');
+      await store.recordOutcomes(oldPending, [delivered(0), { index: 1, state: 'deferred', code: 451, response: '451 4.3.0 later', nextAttemptAt: now + 60_000 }], now);
+
+      const cutoff = now - 30 * day;
+      expect(await store.purgeFinished(cutoff, 1)).toBe(1); // the oldest first
+      expect(await store.getMessage(olderFailed)).toBeUndefined();
+      expect(await store.getMessage(oldDelivered)).toBeDefined();
+      expect(await store.purgeFinished(cutoff, 500)).toBe(1);
+      expect(await store.purgeFinished(cutoff, 500)).toBe(0);
+      expect(await store.getMessage(oldDelivered)).toBeUndefined();
+      // Kept: the one still pending (however old) and the finished one inside the retention.
+      expect((await store.getMessage(oldPending))!.recipients.map((r) => r.state)).toEqual(['delivered', 'deferred']);
+      expect(await store.getMessage(recentDelivered)).toBeDefined();
+      // The recipients went with their messages.
+      expect(await store.countRecipients()).toMatchObject({ delivered: 3, deferred: 1, failed: 0 });
+      await store.close();
+    });
   });
 }
 

@@ -420,6 +420,12 @@ export const configSchema = z
         first_retry: duration.default(60_000),
         max_retry_interval: duration.default(3_600_000),
         lifetime: duration.default(5 * 86_400_000),
+        // How long a finished message (every recipient delivered or failed) stays in the store,
+        // for `queue show`, the daily sending limits and volume alerts; then it is deleted with
+        // its recipients. At least a day: the daily limits count the last day's mail from the store.
+        retention: duration
+          .refine((ms) => ms >= 86_400_000, 'must be at least "1d": the daily sending limits count the last day of mail from the store')
+          .default(30 * 86_400_000),
       })
       .prefault({}),
     delivery: z

@@ -20,6 +20,8 @@
 //   - If the process dies mid-delivery, recipients stay in_flight; start() puts them back
 //     (store.releaseInFlight) and they are tried again. A message may then arrive twice, which is
 //     SMTP's usual trade (RFC 5321 6.1: duplicates over loss).
+//   - Finished messages stay in the store for `[queue] retention` (30 days), then they are
+//     deleted with their recipients (retention.ts); pending ones are never deleted.
 //   - stop() claims nothing more, gives deliveries in progress a grace period, then aborts them;
 //     the recipients they had not finished go back to the queue without counting as an attempt.
 //
@@ -39,6 +41,7 @@ import { MxResolver } from '../delivery/mx-resolver.js';
 import { Router, type RouterConfig } from '../delivery/router.js';
 import type { Logger } from '../observe/logger.js';
 import type { QueueStore, QueuedMessage, QueuedRecipient, RecipientOutcome, SecurityEventSink } from '../store/store.js';
+import { Retention } from './retention.js';
 import { retryDelay } from './retry-delay.js';
 
 export interface QueueRunnerOptions {
@@ -55,6 +58,8 @@ export interface QueueRunnerOptions {
   events?: SecurityEventSink;
   /** Clock, for tests. */
   now?: () => number;
+  /** How often finished messages past `[queue] retention` are deleted, in ms (default 10 minutes). */
+  purgeInterval?: number;
 }
 
 /** Longest a claim waits for a batch of free slots while deliveries are busy (see #tick). */
@@ -71,6 +76,7 @@ export class QueueRunner {
   readonly #maxSleep: number;
   readonly #pool: ConnectionPool;
   readonly #router: Router;
+  readonly #retention: Retention;
   /**
    * Delivery rounds in progress. Keyed by a counter, not the queue id: a recipient of a message
    * can fall due while another recipient of the same message is still in flight.
@@ -105,6 +111,13 @@ export class QueueRunner {
       servers: delivery.dns_servers,
       timeout: options.dnsTimeout ?? Math.min(delivery.connect_timeout, 5000),
     });
+    this.#retention = new Retention({
+      store: this.#store,
+      retentionMs: options.config.queue.retention,
+      logger: this.#log,
+      intervalMs: options.purgeInterval ?? 10 * 60_000,
+      now: this.#now,
+    });
     // Reads the upstreams' secrets: a ConfigError from here stops start-up.
     this.#router = new Router({ config: options.config, pool: this.#pool, resolver, logger: options.logger, ...(options.events ? { events: options.events } : {}) });
   }
@@ -124,6 +137,7 @@ export class QueueRunner {
     const released = await this.#store.releaseInFlight(this.#now());
     if (released > 0) this.#log.warn({ event: 'released', recipients: released }, 'recipients left in flight by the last run are queued again');
     this.#running = true;
+    this.#retention.start();
     this.#wake();
   }
 
@@ -141,6 +155,7 @@ export class QueueRunner {
     this.#stopping ??= (async () => {
       this.#running = false;
       clearTimeout(this.#timer);
+      await this.#retention.stop();
       await this.#ticking;
       if (this.#active.size > 0) {
         this.#log.info({ event: 'stopping', deliveries: this.#active.size, graceMs }, 'waiting for deliveries in progress');

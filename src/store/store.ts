@@ -252,6 +252,11 @@ export interface QueueStore {
   retryNow(queueId: string | undefined, now: number): Promise<number>;
   /** Removes a message and its body whatever its state. */
   deleteMessage(queueId: string): Promise<boolean>;
+  /**
+   * Deletes up to `limit` finished messages (every recipient delivered or failed) received before
+   * `before`, oldest first, with their recipients. Returns how many. Pending mail is never touched.
+   */
+  purgeFinished(before: number, limit: number): Promise<number>;
   /** Counts of recipients per state (for tests, `queue list` totals and later metrics). */
   countRecipients(): Promise<Record<RecipientState, number>>;
 }

@@ -502,6 +502,21 @@ export class SqliteStore implements Store {
     return Number(result.numDeletedRows) > 0;
   }
 
+  async purgeFinished(before: number, limit: number): Promise<number> {
+    // `active` is 0 once every recipient is final (and the body is gone with it); the
+    // messages_active index (active, received_at) finds the oldest ones without a scan. The
+    // recipients go by ON DELETE CASCADE.
+    const oldest = this.#db
+      .selectFrom('messages')
+      .select('queue_id')
+      .where('active', '=', 0)
+      .where('received_at', '<', before)
+      .orderBy('received_at')
+      .limit(limit);
+    const result = await this.#db.deleteFrom('messages').where('queue_id', 'in', oldest).executeTakeFirst();
+    return Number(result.numDeletedRows);
+  }
+
   async countRecipients(): Promise<Record<RecipientState, number>> {
     const rows = await this.#db
       .selectFrom('recipients')
