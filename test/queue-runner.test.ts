@@ -252,7 +252,7 @@ describe('QueueRunner', () => {
     expect((await final(store, eighth, 8000)).recipients[0]).toMatchObject({ state: 'delivered', attempts: 1 });
   });
 
-  test('deletes finished messages past [queue] retention, keeps pending ones, and logs it', async () => {
+  test('deletes finished messages past [queue] retention and security events past 90 days, keeps pending ones, and logs it', async () => {
     const sink = await startSink({ behaviour: { rcpt: { 'later@dest.test': { code: 451, message: '4.3.0 Try later' } } } });
     const env = await environment(sink.port, { queue: { retention: '1d' } });
     const store = await openStore(env.dir);
@@ -264,12 +264,18 @@ describe('QueueRunner', () => {
     });
     const done = await enqueue(store, ['a@dest.test']);
     const pending = await enqueue(store, ['later@dest.test']);
+    // Security events are kept 90 days: one from 100 days ago goes, one from 10 days ago stays.
+    const event = (daysAgo: number) => ({ kind: 'relay_denied' as const, ip: '192.0.2.7', detail: { message: `${daysAgo} days ago` }, at: Date.now() - daysAgo * 86_400_000 });
+    await store.recordSecurityEvent(event(100));
+    await store.recordSecurityEvent(event(10));
     await runner.start();
-    await waitFor(() => env.logs.find((l) => l.event === 'purged'), 5000, 'a purge');
+    await waitFor(() => env.logs.find((l) => l.event === 'purged' && l.what === 'finished messages'), 5000, 'a purge');
     expect(await store.getMessage(done)).toBeUndefined();
     expect(sink.messages.map((m) => m.to)).toEqual([['a@dest.test']]);
     expect((await store.getMessage(pending))!.recipients[0]).toMatchObject({ state: 'deferred', lastCode: 451 });
-    expect(env.logs.find((l) => l.event === 'purged')).toMatchObject({ messages: 1 });
+    expect(env.logs.find((l) => l.event === 'purged' && l.what === 'finished messages')).toMatchObject({ count: 1 });
+    await waitFor(() => env.logs.find((l) => l.event === 'purged' && l.what === 'security events'), 5000, 'a purge of events');
+    expect((await store.listSecurityEvents()).map((e) => e.detail.message)).toEqual(['10 days ago']);
   });
 });
 

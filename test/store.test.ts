@@ -443,6 +443,21 @@ for (const backend of BACKENDS) {
       expect(await store.countRecipients()).toMatchObject({ delivered: 3, deferred: 1, failed: 0 });
       await store.close();
     });
+
+    it('purges security events older than the cutoff, oldest first', async () => {
+      const store = await backend.open(tempDir());
+      const now = Date.now();
+      for (const daysAgo of [95, 120, 5]) {
+        await store.recordSecurityEvent({ kind: 'auth_failed', ip: '192.0.2.1', detail: { message: `${daysAgo}` }, at: now - daysAgo * 86_400_000 });
+      }
+      const cutoff = now - 90 * 86_400_000;
+      expect(await store.purgeSecurityEvents(cutoff, 1)).toBe(1);
+      expect((await store.listSecurityEvents()).map((e) => e.detail.message)).toEqual(['95', '5']);
+      expect(await store.purgeSecurityEvents(cutoff, 500)).toBe(1);
+      expect(await store.purgeSecurityEvents(cutoff, 500)).toBe(0);
+      expect((await store.listSecurityEvents()).map((e) => e.detail.message)).toEqual(['5']);
+      await store.close();
+    });
   });
 }
 

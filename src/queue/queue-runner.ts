@@ -20,8 +20,8 @@
 //   - If the process dies mid-delivery, recipients stay in_flight; start() puts them back
 //     (store.releaseInFlight) and they are tried again. A message may then arrive twice, which is
 //     SMTP's usual trade (RFC 5321 6.1: duplicates over loss).
-//   - Finished messages stay in the store for `[queue] retention` (30 days), then they are
-//     deleted with their recipients (retention.ts); pending ones are never deleted.
+//   - Finished messages stay in the store for `[queue] retention` (30 days), security events for
+//     90 days; then they are deleted (retention.ts). Pending messages are never deleted.
 //   - stop() claims nothing more, gives deliveries in progress a grace period, then aborts them;
 //     the recipients they had not finished go back to the queue without counting as an attempt.
 //
@@ -40,12 +40,13 @@ import { type DsnRecipient, enqueueDsn, readHeaderBlock, wantsFailureNotice } fr
 import { MxResolver } from '../delivery/mx-resolver.js';
 import { Router, type RouterConfig } from '../delivery/router.js';
 import type { Logger } from '../observe/logger.js';
-import type { QueueStore, QueuedMessage, QueuedRecipient, RecipientOutcome, SecurityEventSink } from '../store/store.js';
+import type { QueueStore, QueuedMessage, QueuedRecipient, RecipientOutcome, SecurityEventSink, SecurityStore } from '../store/store.js';
 import { Retention } from './retention.js';
 import { retryDelay } from './retry-delay.js';
 
 export interface QueueRunnerOptions {
-  store: QueueStore;
+  /** The queue, and the security events' purge (retention.ts). */
+  store: QueueStore & Pick<SecurityStore, 'purgeSecurityEvents'>;
   config: Pick<Config, 'hostname' | 'delivery' | 'queue'> & RouterConfig;
   logger: Logger;
   /** How long an unused outbound connection is kept for reuse, in ms (default 5000). */
@@ -69,7 +70,7 @@ const CLAIM_BATCH_WAIT_MS = 20;
 const ABORT_WAIT_MS = 5000;
 
 export class QueueRunner {
-  readonly #store: QueueStore;
+  readonly #store: QueueRunnerOptions['store'];
   readonly #config: QueueRunnerOptions['config'];
   readonly #log: Logger;
   readonly #now: () => number;

@@ -1,19 +1,24 @@
-// History kept, and no more: finished messages (every recipient delivered or failed) stay in the
+// History kept, and no more. Finished messages (every recipient delivered or failed) stay in the
 // store for `[queue] retention` (30 days by default), for `queue show`, the daily sending limits
-// and volume alerts, then they are deleted with their recipients. Without this the store would
-// grow by every message ever sent. Postal keeps 60 days by default; Postfix keeps nothing but its
-// logs. Pending mail is never touched, however old: its lifetime ends in a bounce first.
+// and volume alerts; security events (failed logins, relaying refused, lockouts...) for 90 days,
+// as Exchange Online keeps its audit log by default. Then they are deleted. Without this the store
+// would grow by every message ever sent and every failed login. Postal keeps messages 60
+// days by default; Postfix keeps nothing but its logs. Pending mail is never touched, however old:
+// its lifetime ends in a bounce first.
 //
 // The queue runner runs this every few minutes, in small transactions so the intake, which
 // shares the database, waits for no more than one of them.
 import type { Logger } from '../observe/logger.js';
-import type { QueueStore } from '../store/store.js';
+import type { QueueStore, SecurityStore } from '../store/store.js';
 
-/** Messages deleted per transaction. */
+/** Rows deleted per transaction. */
 const BATCH = 500;
 
+/** How long security events are kept. */
+export const SECURITY_EVENTS_RETENTION_MS = 90 * 86_400_000;
+
 export interface RetentionOptions {
-  store: Pick<QueueStore, 'purgeFinished'>;
+  store: Pick<QueueStore, 'purgeFinished'> & Pick<SecurityStore, 'purgeSecurityEvents'>;
   /** How long a finished message is kept after it was received, in ms. */
   retentionMs: number;
   logger: Logger;
@@ -46,25 +51,31 @@ export class Retention {
     await this.#running;
   }
 
-  /** Deletes every finished message older than the retention. Never throws: logs instead. */
+  /** Deletes what is past its retention. Never throws: logs instead. */
   async purge(): Promise<void> {
-    const { store, retentionMs, logger, now } = this.#options;
-    const before = now() - retentionMs;
+    const { store, retentionMs, now } = this.#options;
+    const at = now();
+    await this.#purgeAll('finished messages', at - retentionMs, (before) => store.purgeFinished(before, BATCH));
+    await this.#purgeAll('security events', at - SECURITY_EVENTS_RETENTION_MS, (before) => store.purgeSecurityEvents(before, BATCH));
+  }
+
+  async #purgeAll(what: string, before: number, purgeBatch: (before: number) => Promise<number>): Promise<void> {
+    const { logger } = this.#options;
     let purged = 0;
     try {
       for (;;) {
-        const n = await store.purgeFinished(before, BATCH);
+        const n = await purgeBatch(before);
         purged += n;
         if (n < BATCH) break;
         // Let the intake's commits in between.
         await new Promise((resolve) => setImmediate(resolve));
       }
     } catch (err) {
-      logger.warn({ event: 'purge_error', purged, err: (err as Error).message }, 'could not delete old finished messages; trying again later');
+      logger.warn({ event: 'purge_error', what, purged, err: (err as Error).message }, `could not delete old ${what}; trying again later`);
       return;
     }
     if (purged > 0) {
-      logger.info({ event: 'purged', messages: purged, receivedBefore: new Date(before).toISOString() }, `deleted ${purged} finished messages past the retention`);
+      logger.info({ event: 'purged', what, count: purged, before: new Date(before).toISOString() }, `deleted ${purged} ${what} past their retention`);
     }
   }
 }

@@ -199,6 +199,8 @@ export interface BodyWriter {
 export interface SecurityStore {
   recordSecurityEvent(event: NewSecurityEvent): Promise<void>;
   listSecurityEvents(options?: { since?: number; limit?: number }): Promise<SecurityEvent[]>;
+  /** Deletes up to `limit` security events older than `before`, oldest first. Returns how many. */
+  purgeSecurityEvents(before: number, limit: number): Promise<number>;
   recordAudit(entry: Omit<AuditEntry, 'id' | 'at'> & { at?: number }): Promise<void>;
   listAudit(options?: { since?: number; limit?: number }): Promise<AuditEntry[]>;
   /** Remembers that an account logged in from a network; true when it is the first time. */

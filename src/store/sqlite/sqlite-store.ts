@@ -544,6 +544,12 @@ export class SqliteStore implements Store {
       .execute();
   }
 
+  async purgeSecurityEvents(before: number, limit: number): Promise<number> {
+    const oldest = this.#db.selectFrom('security_events').select('id').where('at', '<', before).orderBy('at').limit(limit);
+    const result = await this.#db.deleteFrom('security_events').where('id', 'in', oldest).executeTakeFirst();
+    return Number(result.numDeletedRows);
+  }
+
   async listSecurityEvents(options: { since?: number; limit?: number } = {}): Promise<SecurityEvent[]> {
     const rows = await this.#db
       .selectFrom('security_events')
