@@ -216,6 +216,10 @@ const pct = (r: number) => `${(r * 100).toFixed(0)}%`;
 /** a's rate as a share of b's, or '-' when either is missing. */
 const rateRatio = (a: ScenarioFigures | undefined, b: ScenarioFigures | undefined) =>
   a && b && b.messagesPerSecond > 0 ? pct(a.messagesPerSecond / b.messagesPerSecond) : '-';
+/** Server (kernel), load generator and other cores, for the rows of a server without a sink. */
+const cpuNoSink = (s: ScenarioFigures) => `${srv(s)}/${s.cpu.client.toFixed(2)}/${s.cpu.other.toFixed(2)}`;
+/** The cells a diagnostic row starts with: the scenario, its rate and its median transaction. */
+const scenarioCells = (s: ScenarioFigures) => [label(s.port, s.mode), String(s.concurrency), num(s.messagesPerSecond, 0), num(s.transactionP50Ms)];
 const mb = (bytes: number) => `${(bytes / MB).toFixed(1)} MB`;
 const num = (v: number | null | undefined, digits = 1) => (v == null ? '-' : v.toFixed(digits));
 
@@ -252,7 +256,7 @@ export function formatReport(results: BenchResults, jsonFile: string): string {
           num(p?.sessionP99Ms),
           p ? `${srv(p)}/${p.cpu.client.toFixed(2)}/${p.cpu.sink.toFixed(2)}/${p.cpu.other.toFixed(2)}` : '-',
           num(ceil?.messagesPerSecond, 0),
-          ceil ? `${srv(ceil)}/${ceil.cpu.client.toFixed(2)}/${ceil.cpu.other.toFixed(2)}` : '-',
+          ceil ? cpuNoSink(ceil) : '-',
           ratio === null ? '-' : pct(ratio),
           judged ? '>=70%' : '',
           judged ? (ratio! >= 0.7 ? 'PASS' : 'FAIL') : '',
@@ -282,12 +286,9 @@ export function formatReport(results: BenchResults, jsonFile: string): string {
           const ceil = find(results, ceilingFor(s.port), s.port, s.mode, s.concurrency);
           const full = find(results, 'postern', s.port, s.mode, s.concurrency);
           return [
-            label(s.port, s.mode),
-            String(s.concurrency),
-            num(s.messagesPerSecond, 0),
-            num(s.transactionP50Ms),
+            ...scenarioCells(s),
             num(s.transactionP99Ms),
-            `${srv(s)}/${s.cpu.client.toFixed(2)}/${s.cpu.other.toFixed(2)}`,
+            cpuNoSink(s),
             num(ceil?.messagesPerSecond, 0),
             rateRatio(s, ceil),
             full ? `${num(full.messagesPerSecond, 0)}/s` : '-',
@@ -311,11 +312,8 @@ export function formatReport(results: BenchResults, jsonFile: string): string {
           const ceil = find(results, ceilingFor(s.port), s.port, s.mode, s.concurrency);
           const postern = find(results, 'postern', s.port, s.mode, s.concurrency);
           return [
-            label(s.port, s.mode),
-            String(s.concurrency),
-            num(s.messagesPerSecond, 0),
-            num(s.transactionP50Ms),
-            `${srv(s)}/${s.cpu.client.toFixed(2)}/${s.cpu.other.toFixed(2)}`,
+            ...scenarioCells(s),
+            cpuNoSink(s),
             num(ceil?.messagesPerSecond, 0),
             rateRatio(s, ceil),
             num(postern?.messagesPerSecond, 0),
