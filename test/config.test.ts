@@ -100,7 +100,8 @@ describe('configuration', () => {
     expect(problems('[[route]]\ndomains = ["a.example"]\nhost = "h"\ntls = "sometimes"\n')[0]).toMatch(/^route\[0\]\.tls: /);
     expect(problems('[limits]\nmax_recipients = "lots"\n')[0]).toMatch(/^limits\.max_recipients: .*number/);
     expect(problems('[queue]\nlifetime = "5 days"\n')[0]).toMatch(/^queue\.lifetime: expected a duration/);
-    expect(problems('[queue]\nretention = "12h"\n')).toEqual(['queue.retention: must be at least "1d": the daily sending limits count the last day of mail from the store']);
+    expect(problems('[queue]\nretention = "7d"\n')).toEqual(['queue.retention: must be at least "8d": the volume alerts compare the last day of mail in the store with the 7 days before it']);
+    expect(parseConfigText('[queue]\nretention = "8d"\n', '/etc/postern/postern.toml').queue.retention).toBe(8 * 86_400_000);
   });
 
   it('names an unknown key in an upstream or a routing rule (the tables are strict too)', () => {

@@ -254,16 +254,18 @@ describe('QueueRunner', () => {
 
   test('deletes finished messages past [queue] retention and security events past 90 days, keeps pending ones, and logs it', async () => {
     const sink = await startSink({ behaviour: { rcpt: { 'later@dest.test': { code: 451, message: '4.3.0 Try later' } } } });
-    const env = await environment(sink.port, { queue: { retention: '1d' } });
+    const env = await environment(sink.port, { queue: { retention: '8d' } });
     const store = await openStore(env.dir);
-    // The runner's clock runs two days ahead: everything received now is past a one-day retention.
-    const runner = new QueueRunner({ store, config: env.config, logger: env.logger, dnsTimeout: 300, now: () => Date.now() + 2 * 86_400_000, purgeInterval: 100 });
+    // The runner's clock runs nine days ahead: everything received now is past an eight-day retention.
+    const runner = new QueueRunner({ store, config: env.config, logger: env.logger, dnsTimeout: 300, now: () => Date.now() + 9 * 86_400_000, purgeInterval: 100 });
     cleanups.push(async () => {
       await runner.stop(0);
       await store.close();
     });
-    const done = await enqueue(store, ['a@dest.test']);
-    const pending = await enqueue(store, ['later@dest.test']);
+    // Both expire well after the runner's "now", so the deferred one stays deferred.
+    const expiresAt = Date.now() + 30 * 86_400_000;
+    const done = await enqueue(store, ['a@dest.test'], { expiresAt });
+    const pending = await enqueue(store, ['later@dest.test'], { expiresAt });
     // Security events are kept 90 days: one from 100 days ago goes, one from 10 days ago stays.
     const event = (daysAgo: number) => ({ kind: 'relay_denied' as const, ip: '192.0.2.7', detail: { message: `${daysAgo} days ago` }, at: Date.now() - daysAgo * 86_400_000 });
     await store.recordSecurityEvent(event(100));

@@ -422,9 +422,10 @@ export const configSchema = z
         lifetime: duration.default(5 * 86_400_000),
         // How long a finished message (every recipient delivered or failed) stays in the store,
         // for `queue show`, the daily sending limits and volume alerts; then it is deleted with
-        // its recipients. At least a day: the daily limits count the last day's mail from the store.
+        // its recipients. At least 8 days: the volume alerts compare the last day with the 7
+        // before it (policy/volume-watch.ts), and with less history they would fall silent.
         retention: duration
-          .refine((ms) => ms >= 86_400_000, 'must be at least "1d": the daily sending limits count the last day of mail from the store')
+          .refine((ms) => ms >= 8 * 86_400_000, 'must be at least "8d": the volume alerts compare the last day of mail in the store with the 7 days before it')
           .default(30 * 86_400_000),
       })
       .prefault({}),

@@ -806,4 +806,3 @@ function withStatementCache(db: BetterSqlite3.Database): StatementCachingClient 
     transaction: (fn) => db.transaction(fn),
   };
 }
-
