@@ -55,8 +55,10 @@ interface Script {
   ehlo?: Step;
   /** The reply to STARTTLS; no TLS is ever started, so end it with 'silent', 'drop' or 'close'. */
   starttlsReply?: Step;
-  mail?: Step;
+  /** The reply to MAIL, or a function of the transaction's number on this connection (from 1). */
+  mail?: Step | ((transaction: number) => Step | undefined);
   rcpt?: Step | ((address: string) => Step | undefined);
+  /** The reply to DATA; by default 354, or 554 when no recipient was accepted (as Postfix does). */
   data?: Step;
   /** 'drop': reset the connection as soon as the first line of the message data arrives. */
   body?: 'drop';
@@ -146,6 +148,7 @@ class ScriptedServer {
     if (!(await run(script.greeting, '220 fault.test ESMTP'))) return;
     let from = '';
     let to: string[] = [];
+    let transactions = 0;
     for (;;) {
       const line = await lines.next();
       if (line === null) return;
@@ -173,7 +176,8 @@ class ScriptedServer {
         case 'MAIL':
           from = /<([^>]*)>/.exec(line)?.[1] ?? '';
           to = [];
-          ok = await run(script.mail, '250 2.1.0 Ok');
+          transactions++;
+          ok = await run(typeof script.mail === 'function' ? script.mail(transactions) : script.mail, '250 2.1.0 Ok');
           break;
         case 'RCPT': {
           const address = /<([^>]*)>/.exec(line)?.[1] ?? '';
@@ -183,6 +187,10 @@ class ScriptedServer {
           break;
         }
         case 'DATA': {
+          if (script.data === undefined && to.length === 0) {
+            ok = await run(undefined, '554 5.5.1 Error: no valid recipients');
+            break;
+          }
           ok = await run(script.data, '354 End data with <CR><LF>.<CR><LF>');
           if (!ok || (script.data !== undefined && !String([script.data].flat()[0]).startsWith('354'))) break;
           let size = 0;
@@ -526,6 +534,54 @@ describe('a server that replies 421 in the middle of the session', () => {
     expectDeferred(r, '421 4.4.2 Connection timed out, closing', at);
     expect(r.lastCode).toBe(421);
     await expectRecovered(h, '421 to the final dot', [server]);
+  });
+});
+
+/** The verbs the client sent on connection `n`, in order (message data left out). */
+function commandsOn(server: ScriptedServer, n: number): string[] {
+  return server.transcript
+    .filter((l) => l.startsWith(`${n} C: `) && !l.startsWith(`${n} C: <`))
+    .map((l) => l.slice(`${n} C: `.length).split(' ')[0]!.toUpperCase());
+}
+
+describe('a kept connection', () => {
+  // Kept open for the next message to the same place (the pool's idle timeout), a connection can
+  // be closed by the server at the moment it is used again: the server's own idle timeout.
+  test.each(['close', 'drop'] as const)(
+    'the server ends it (%s) as the next message begins: sent at once on a new connection, not deferred',
+    async (fault) => {
+      const server = await ScriptedServer.start((n) => (n === 1 ? { mail: (t) => (t === 2 ? fault : undefined) } : {}));
+      const h = await faultSetup({ zone: zoneFor('dest.test'), mxPort: server.port, connectionIdleTimeout: 30_000 });
+      const first = await h.enqueue({ sender: 'app@client.test', recipients: ['a@dest.test'] });
+      expect(recipient(await settled(h, first), 'a@dest.test').state).toBe('delivered');
+      const second = await h.enqueue({ sender: 'app@client.test', recipients: ['b@dest.test'] });
+      const r = recipient(await settled(h, second), 'b@dest.test');
+      expect(r.state).toBe('delivered');
+      expect(r.attempts).toBe(1);
+      expect(server.messages.map((m) => [m.connection, m.to])).toEqual([
+        [1, ['a@dest.test']],
+        [2, ['b@dest.test']],
+      ]);
+      // The second message went straight to MAIL on the kept connection: no RSET after a
+      // transaction that ended with the server's reply to the message data.
+      expect(commandsOn(server, 1)).toEqual(['EHLO', 'MAIL', 'RCPT', 'DATA', 'MAIL']);
+      await expectRecovered(h, `kept connection, ${fault}`, [server]);
+    },
+  );
+
+  test('after a transaction the server refused, the next message on it starts with RSET', async () => {
+    const server = await ScriptedServer.start(() => ({
+      rcpt: (address) => (address.startsWith('nobody') ? '550 5.1.1 No such user' : undefined),
+    }));
+    const h = await faultSetup({ zone: zoneFor('dest.test'), mxPort: server.port, connectionIdleTimeout: 30_000 });
+    const refused = await h.enqueue({ sender: 'app@client.test', recipients: ['nobody@dest.test'] });
+    expect(recipient(await settled(h, refused), 'nobody@dest.test').state).toBe('failed');
+    const next = await h.enqueue({ sender: 'app@client.test', recipients: ['b@dest.test'] });
+    expect(recipient(await settled(h, next), 'b@dest.test').state).toBe('delivered');
+    // (The bounce for nobody@ goes to client.test on a connection of its own.)
+    expect(commandsOn(server, 1).slice(0, 8)).toEqual(['EHLO', 'MAIL', 'RCPT', 'DATA', 'RSET', 'MAIL', 'RCPT', 'DATA']);
+    expect(server.transcript).toContain('1 S: 554 5.5.1 Error: no valid recipients');
+    await expectRecovered(h, 'RSET after a refusal', [server]);
   });
 });
 

@@ -328,7 +328,7 @@ describe('timeouts', () => {
 });
 
 describe('connections', () => {
-  test('messages to the same destination share one connection (RSET between them)', async () => {
+  test('messages to the same destination share one connection', async () => {
     const sink = await startSink();
     // A long idle timeout: a busy test machine stalling past the default 2 s would close the
     // connection between the messages and make this fail for the wrong reason.

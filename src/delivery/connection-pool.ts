@@ -6,7 +6,9 @@
 // a slot (waiting in line when the caps are reached), then uses an idle connection to the same
 // destination if one is kept, else opens a new one. When it is done, a healthy connection stays
 // open for a few seconds so the next message to the same place skips TCP, greeting, EHLO and TLS:
-// a burst of messages to one domain goes down one or a few connections, RSET between messages.
+// a burst of messages to one domain goes down one or a few connections. RSET only follows a
+// transaction that did not end with the reply to the message data (SmtpSession.needsReset); the
+// server may have closed a kept connection meanwhile, which SmtpTarget handles.
 //
 // Idle connections hold no slot; they are closed after `idleTimeout`, after
 // `maxTransactionsPerConnection` messages, when the server closes them, or on close().
@@ -25,7 +27,7 @@ export interface ConnectionPoolOptions {
 
 export interface PoolLease {
   readonly key: string;
-  /** An idle connection to this destination, already RSET, or undefined when none is usable. */
+  /** An idle connection to this destination, ready for a transaction, or undefined when none is usable. */
   takeIdle(): Promise<SmtpSession | undefined>;
   /**
    * Frees the slot. A reusable session is kept for the next message to the same destination;
@@ -167,7 +169,7 @@ export class ConnectionPool {
       entry.unsubscribe();
       if (list.length === 0) this.#idle.delete(key);
       if (entry.session.closed) continue;
-      if (await entry.session.reset()) return entry.session;
+      if (!entry.session.needsReset || (await entry.session.reset())) return entry.session;
       entry.session.destroy();
     }
     return undefined;

@@ -116,6 +116,12 @@ export interface TransactionResult {
   replies: Map<string, DeliveryOutcome>;
   /** false when the connection is gone or in an unknown state. */
   reusable: boolean;
+  /**
+   * The connection closed or was reset before the server took any part in this transaction (no
+   * reply, or only a 421): the server has nothing of the message, so it can go out on another
+   * connection at once. What a kept connection looks like when the server closed it meanwhile.
+   */
+  untouched: boolean;
 }
 
 export type OpenResult =
@@ -153,6 +159,13 @@ export class SmtpSession {
   readonly server: string;
   /** Transactions run on this connection, for the pool's reuse limit. */
   transactions = 0;
+  /**
+   * The last transaction did not end with the reply to the message data (a refused sender or
+   * recipients, say), so the server may still hold its envelope: RSET before the next one. After
+   * the final reply the server has cleared its state (RFC 5321 4.1.1.4), so no RSET is sent then:
+   * one round trip less per message on a kept connection.
+   */
+  #needsReset = false;
   readonly #connection: SMTPConnection;
   readonly #watch: ReplyWatch;
   readonly #destination: string;
@@ -178,6 +191,11 @@ export class SmtpSession {
 
   get closed(): boolean {
     return this.#closed || this.#connection.destroyed;
+  }
+
+  /** RSET is due before the next transaction (see #needsReset). */
+  get needsReset(): boolean {
+    return this.#needsReset;
   }
 
   /**
@@ -442,6 +460,8 @@ export class SmtpSession {
    */
   send(envelope: TransactionEnvelope, body: Readable): Promise<TransactionResult> {
     this.transactions++;
+    this.#needsReset = true;
+    const repliesBefore = this.#watch.replies;
     return new Promise((resolve) => {
       let settled = false;
       let counted: Transform | undefined;
@@ -455,7 +475,8 @@ export class SmtpSession {
         // test/delivery-faults.test.ts). After a success the stream has ended and this is a no-op.
         counted?.destroy();
         this.#connection.removeListener('end', onEnd);
-        resolve(err ? this.#failedTransaction(envelope, err) : this.#completedTransaction(envelope, info!));
+        if (!err) this.#needsReset = false;
+        resolve(err ? this.#failedTransaction(envelope, err, repliesBefore) : this.#completedTransaction(envelope, info!));
       };
       // nodemailer closes the connection (emitting 'end') just before it calls back with the
       // reason (a 421, a timeout); the callback gets a turn first so the reason is not lost.
@@ -496,7 +517,7 @@ export class SmtpSession {
     });
   }
 
-  /** RSET before reusing the connection for another message. false: do not use it any more. */
+  /** RSET before the next transaction (when needsReset). false: do not use the connection any more. */
   reset(): Promise<boolean> {
     if (this.closed) return Promise.resolve(false);
     return new Promise((resolve) => {
@@ -511,7 +532,10 @@ export class SmtpSession {
       const onEnd = () => done(false);
       this.#connection.once('end', onEnd);
       this.#watch.begin();
-      this.#connection.reset((err) => done(!err));
+      this.#connection.reset((err) => {
+        if (!err) this.#needsReset = false;
+        done(!err);
+      });
     });
   }
 
@@ -543,10 +567,13 @@ export class SmtpSession {
     for (const address of envelope.to) {
       if (!replies.has(address)) replies.set(address, this.#remote(ok.code, ok.enhanced, ok.response));
     }
-    return { replies, reusable: !this.closed };
+    return { replies, reusable: !this.closed, untouched: false };
   }
 
-  #failedTransaction(envelope: TransactionEnvelope, failure: SmtpClientError): TransactionResult {
+  #failedTransaction(envelope: TransactionEnvelope, failure: SmtpClientError, repliesBefore: number): TransactionResult {
+    const lost = failure.code === 'ECONNECTION' || failure.code === 'ESOCKET';
+    // Counted by the ReplyWatch; without it (nodemailer changed inside) nothing is assumed.
+    const untouched = lost && this.#watch.enabled && this.#watch.replies === repliesBefore && !this.#watch.stalled;
     const err = this.#watch.explain(failure);
     const replies = new Map<string, DeliveryOutcome>();
     const rejectedErrors =
@@ -562,7 +589,7 @@ export class SmtpSession {
     // anything else (timeout, lost connection, body error mid-DATA) does not.
     const reusable = (err.code === 'EENVELOPE' || err.code === 'EMESSAGE') && !this.closed;
     if (!reusable) this.destroy();
-    return { replies, reusable };
+    return { replies, reusable, untouched };
   }
 
   #setRejected(replies: Map<string, DeliveryOutcome>, rejected: SmtpClientError, skipBadSequence: boolean): void {
@@ -704,11 +731,15 @@ const REPLY_TIMEOUT = 'REPLY_TIMEOUT';
 class ReplyWatch {
   /** The last complete reply, lines joined with "\n" as nodemailer does. */
   lastReply: string | undefined;
+  /** Complete replies so far, 421s left out (a server closing the channel took no part in anything). */
+  replies = 0;
   /** Set when the deadline closed the connection. */
   stalled: SmtpClientError | undefined;
   readonly #connection: SMTPConnection;
   readonly #timeout: number;
   readonly #enabled: boolean;
+  /** False when nodemailer's internals changed and replies cannot be read alongside it. */
+  readonly enabled: boolean;
   #active = false;
   #afterFirstReply = false;
   #since = 0;
@@ -724,6 +755,7 @@ class ReplyWatch {
     const internals = connection as unknown as ConnectionInternals;
     const onData = internals._onData;
     this.#enabled = typeof onData === 'function';
+    this.enabled = this.#enabled;
     if (onData) {
       internals._onData = (chunk: Buffer) => {
         this.#feed(chunk);
@@ -776,6 +808,7 @@ class ReplyWatch {
       this.#lines.push(line);
       if (/^\d{3}-/.test(line)) continue;
       this.lastReply = this.#lines.join('\n');
+      if (!line.startsWith('421')) this.replies++;
       this.#lines = [];
       this.#pending = 0;
       this.#afterFirstReply = false;

@@ -4,14 +4,16 @@
 // (src/delivery/upstreams/smtp-upstream.ts), so one class serves all three.
 //
 // Per job: take a connection slot from the pool, reuse an idle connection to the same destination
-// or resolve and open a new one, run one transaction per batch of recipients (RSET between
-// batches), and hand the connection back for the next message. Every problem becomes a
-// per-recipient result; nothing throws.
+// or resolve and open a new one, run one transaction per batch of recipients, and hand the
+// connection back for the next message. A kept connection that the server closed before the
+// message reached it (its idle timeout running out just then) costs nothing: the transaction goes
+// out again at once on another connection, as with Postfix's connection cache, because the
+// server has nothing of it. Every problem becomes a per-recipient result; nothing throws.
 import type { ConnectionPool, PoolLease } from './connection-pool.js';
 import { DeliveryError, deliveryError } from './delivery-error.js';
 import type { DeliveryJob, DeliveryOutcome, DeliveryTarget, RecipientResult, TlsMode } from './delivery-target.js';
 import type { MailHost } from './mx-resolver.js';
-import { type SessionAuth, type SessionTls, type SetupProblem, SmtpSession } from './smtp-session.js';
+import { type SessionAuth, type SessionTls, type SetupProblem, SmtpSession, type TransactionResult } from './smtp-session.js';
 
 export interface SmtpDestination {
   /** Pool key: connections and the per-destination cap are shared by everything with this key. */
@@ -99,35 +101,43 @@ export class SmtpTarget implements DeliveryTarget {
     const onAbort = () => session?.destroy();
     signal?.addEventListener('abort', onAbort, { once: true });
     let reusable = false;
-    try {
+    /** The session was kept from an earlier message (not opened for this one). */
+    let kept = false;
+    /** A kept connection, else a new one; the failure when none could be opened. */
+    const connect = async (): Promise<DeliveryOutcome | undefined> => {
       session = await lease.takeIdle();
-      if (!session) {
-        const opened = await this.#open(signal);
-        if ('failure' in opened) return all(opened.failure);
-        session = opened.session;
-      }
-      if (signal?.aborted) return all(deliveryError('INTERRUPTED').toOutcome());
+      kept = session !== undefined;
+      if (session) return undefined;
+      const opened = await this.#open(signal);
+      if ('failure' in opened) return opened.failure;
+      session = opened.session;
+      return undefined;
+    };
+    try {
+      const failure = await connect();
+      if (failure) return all(failure);
 
       const batchSize = this.#options.maxRecipientsPerTransaction ?? 50;
       for (let start = 0; start < addresses.length; start += batchSize) {
         const batch = addresses.slice(start, start + batchSize);
-        if (start > 0 && !(await session.reset())) {
-          reusable = false;
-          return all(deliveryError('CONNECTION_LOST', { server: session.server, reason: 'RSET failed' }).toOutcome());
-        }
         if (signal?.aborted) return all(deliveryError('INTERRUPTED').toOutcome());
-        let body;
-        try {
-          body = job.body();
-        } catch (err) {
-          return all(deliveryError('BODY_UNREADABLE', { reason: (err as Error).message }).toOutcome());
+        if (session!.needsReset && !(await session!.reset())) {
+          reusable = false;
+          return all(deliveryError('CONNECTION_LOST', { server: session!.server, reason: 'RSET failed' }).toOutcome());
         }
-        const tx = await session.send({ from: job.sender, to: batch, size: job.size }, body);
+        let tx = await this.#transaction(job, batch, session!);
+        // Each pass takes another kept connection or opens a new one (then kept is false): it ends.
+        while ('untouched' in tx && tx.untouched && kept && !signal?.aborted) {
+          const failure = await connect();
+          if (failure) return all(failure);
+          tx = await this.#transaction(job, batch, session!);
+        }
+        if (!('replies' in tx)) return all(tx);
         for (const [address, outcome] of tx.replies) outcomes.set(address, outcome);
         reusable = tx.reusable;
         if (!reusable) {
           // The rest of the recipients wait for a fresh connection on the next attempt.
-          return all(deliveryError('CONNECTION_LOST', { server: session.server, reason: 'session ended' }).toOutcome());
+          return all(deliveryError('CONNECTION_LOST', { server: session!.server, reason: 'session ended' }).toOutcome());
         }
       }
       return outcomes;
@@ -138,6 +148,17 @@ export class SmtpTarget implements DeliveryTarget {
       signal?.removeEventListener('abort', onAbort);
       lease.release(session, reusable && !signal?.aborted);
     }
+  }
+
+  /** One transaction for `batch`, or the outcome for all when the body cannot be read. */
+  async #transaction(job: DeliveryJob, batch: string[], session: SmtpSession): Promise<TransactionResult | DeliveryOutcome> {
+    let body;
+    try {
+      body = job.body();
+    } catch (err) {
+      return deliveryError('BODY_UNREADABLE', { reason: (err as Error).message }).toOutcome();
+    }
+    return session.send({ from: job.sender, to: batch, size: job.size }, body);
   }
 
   async #open(signal: AbortSignal | undefined): Promise<{ session: SmtpSession } | { failure: DeliveryOutcome }> {
