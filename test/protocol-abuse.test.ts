@@ -770,6 +770,34 @@ describe('huge header blocks', () => {
     }
     expect(copied / headerBytes, 'bytes copied per header byte received').toBeLessThan(8);
   });
+
+  it('finds the end of the header section wherever the chunks split it', async () => {
+    // The blank line split across two chunks at every position, and a byte at a time: the header
+    // section ends at the same place. The message has no Date header but a "Date:" line in its
+    // body: found late, the body's line would pass for the header and no Date would be added.
+    const message = Buffer.from('Subject: split\r\nMessage-ID: <m@x>\r\n\r\nDate: in the body\r\n');
+    const run = async (chunks: Buffer[]) => {
+      let subject: string | undefined;
+      const fixups = new HeaderFixups('Received: test\r\n', 'relay.example.test', new Date(0), (headers) => {
+        subject = headers.get('subject');
+        return {};
+      });
+      const out: Buffer[] = [];
+      fixups.on('data', (chunk: Buffer) => out.push(chunk));
+      const ended = new Promise<void>((resolve) => fixups.on('end', () => resolve()));
+      for (const chunk of chunks) fixups.write(chunk);
+      fixups.end();
+      await ended;
+      return { text: Buffer.concat(out).toString(), subject };
+    };
+    const whole = await run([message]);
+    expect(whole.text).toBe(`Received: test\r\nDate: Thu, 1 Jan 1970 00:00:00 +0000\r\n${message.toString()}`);
+    expect(whole.subject).toBe('split');
+    for (let at = 1; at < message.length; at++) {
+      expect(await run([message.subarray(0, at), message.subarray(at)]), `split at ${at}`).toEqual(whole);
+    }
+    expect(await run([...message].map((b) => Buffer.from([b]))), 'a byte at a time').toEqual(whole);
+  });
 });
 
 // -----------------------------------------------------------------------------------------------

@@ -218,6 +218,31 @@ for (const backend of BACKENDS) {
       await store.close();
     });
 
+    it('keeps many small bodies written side by side apart, byte for byte', async () => {
+      // Inline bodies share memory slabs until their commit (spilling-body-writer.ts): 120 bodies
+      // of 1 to 8 KB, all written before any is queued, fill more than one slab.
+      const dir = tempDir();
+      const store = await backend.open(dir);
+      const bodies = Array.from({ length: 120 }, (_, i) => randomBytes(1024 + ((i * 977) % (7 * 1024))));
+      const ids = bodies.map(() => newQueueId());
+      await Promise.all(bodies.map((body, i) => writeBody(store, ids[i]!, body, 1000)));
+      await Promise.all(
+        ids.map((queueId, i) =>
+          store.enqueue({
+            queueId,
+            sender: 'dev@example.com',
+            recipients: [{ address: 'a@example.net' }],
+            size: bodies[i]!.length,
+            receivedAt: Date.now(),
+            expiresAt: Date.now() + 86_400_000,
+            origin: { sessionId: 's1', listener: 'submission', clientIp: '127.0.0.1' },
+          }),
+        ),
+      );
+      for (const [i, queueId] of ids.entries()) expect((await readBytes(store, queueId)).equals(bodies[i]!), `body ${i}`).toBe(true);
+      await store.close();
+    });
+
     it('removes the body, inline or file, when the last recipient is final, and on delete', async () => {
       const dir = tempDir();
       const store = await backend.open(dir);

@@ -89,18 +89,27 @@ export class HeaderFixups extends Transform {
     const start = this.#buffered;
     this.#buffer.push(chunk);
     this.#buffered += chunk.length;
-    // Look for the blank line in the new chunk plus the 3 bytes before it (it may straddle two
-    // chunks). Nothing is copied until it is found: a header block sent a byte at a time costs
-    // linear time, not quadratic.
-    const window = Buffer.concat([this.#tail, chunk]);
-    const hit = window.indexOf(HEADER_END);
-    this.#tail = window.subarray(Math.max(0, window.length - 3));
+    // Look for the blank line straddling the previous chunk and this one (the 3 bytes kept from
+    // before with this chunk's first 3), then in this chunk. Nothing is copied until it is found
+    // but those 6 bytes: a header block sent a byte at a time costs linear time, not quadratic,
+    // and a message in one chunk is not copied at all.
+    let end = -1;
+    if (this.#tail.length > 0) {
+      const seam = Buffer.concat([this.#tail, chunk.subarray(0, 3)]);
+      const hit = seam.indexOf(HEADER_END);
+      if (hit !== -1) end = start - this.#tail.length + hit;
+    }
+    if (end === -1) {
+      const hit = chunk.indexOf(HEADER_END);
+      if (hit !== -1) end = start + hit;
+    }
+    this.#tail = chunk.length >= 3 ? chunk.subarray(chunk.length - 3) : Buffer.concat([this.#tail, chunk]).subarray(-3);
     if (this.#head.length < 2) this.#head = Buffer.concat([this.#head, chunk.subarray(0, 2 - this.#head.length)]);
     const startsBlank = this.#head.length >= 2 && this.#head[0] === 0x0d && this.#head[1] === 0x0a;
-    const end = startsBlank ? 0 : hit === -1 ? -1 : start - (window.length - chunk.length) + hit;
+    if (startsBlank) end = 0;
     // A header section of MAX_HEADER_BLOCK bytes ends with the blank line by byte MAX + 2.
     if (end === -1 && this.#buffered < MAX_HEADER_BLOCK + 2) return callback();
-    const all = Buffer.concat(this.#buffer);
+    const all = joined(this.#buffer);
     this.#release(all, end === -1 ? null : all.subarray(0, end + 2));
     callback();
   }
@@ -108,7 +117,7 @@ export class HeaderFixups extends Transform {
   override _flush(callback: TransformCallback): void {
     if (!this.#done) {
       // The whole message is headers (no blank line): still add what is missing.
-      const all = Buffer.concat(this.#buffer);
+      const all = joined(this.#buffer);
       this.#release(all, all);
     }
     callback();
@@ -155,6 +164,11 @@ export class HeaderFixups extends Transform {
     this.push(Buffer.concat(prefix));
     this.push(all);
   }
+}
+
+/** The chunks as one buffer; a single chunk as it is (Buffer.concat would copy it). */
+function joined(chunks: Buffer[]): Buffer {
+  return chunks.length === 1 ? chunks[0]! : Buffer.concat(chunks);
 }
 
 /** The header block without every occurrence of one header (with its folded lines). */

@@ -65,7 +65,7 @@ export class SpillingBodyWriter implements BodyWriter {
       this.#options.onFinished(this.queueId, { size: this.#size, inline: null });
     } else {
       const chunks = this.#chunks;
-      const inline = chunks.length === 1 ? chunks[0]! : Buffer.concat(chunks, this.#buffered);
+      const inline = chunks.length === 1 ? chunks[0]! : joinOnSlab(chunks, this.#buffered);
       this.#chunks = [];
       this.#options.onFinished(this.queueId, { size: this.#size, inline });
     }
@@ -124,4 +124,28 @@ export class SpillingBodyWriter implements BodyWriter {
     this.#chunks = [];
     this.#buffered = 0;
   }
+}
+
+// Inline bodies are joined into slices of a shared slab rather than each into a buffer of its own:
+// a buffer over 4 KiB is past Node's own pool, so every few-KiB message allocated a fresh
+// ArrayBuffer (3% of the intake's CPU at 2,000 messages/s). A slab is freed with the last body in
+// it; bodies live until their group commit, so a few slabs at most are alive at once.
+const SLAB_BYTES = 256 * 1024;
+/** Bodies above this get a buffer of their own (a slab holds at least 8 of them). */
+const SLAB_MAX_BODY = SLAB_BYTES / 8;
+let slab = Buffer.alloc(0);
+let slabUsed = 0;
+
+function joinOnSlab(chunks: Buffer[], total: number): Buffer {
+  if (total > SLAB_MAX_BODY) return Buffer.concat(chunks, total);
+  if (slabUsed + total > slab.length) {
+    slab = Buffer.allocUnsafeSlow(SLAB_BYTES);
+    slabUsed = 0;
+  }
+  const body = slab.subarray(slabUsed, slabUsed + total);
+  let at = 0;
+  for (const chunk of chunks) at += chunk.copy(body, at);
+  // 8-byte steps keep every body aligned, as Node's own pool does.
+  slabUsed += (total + 7) & ~7;
+  return body;
 }
