@@ -6,7 +6,7 @@ import { execFileSync } from 'node:child_process';
 import { Writable } from 'node:stream';
 import pino from 'pino';
 import { describe, expect, it } from 'vitest';
-import { BUSY_CPU_MS, MemoryRelief, SAMPLE_INTERVAL_MS, collectGarbage, loadMallocTrim } from '../src/cli/memory-relief.js';
+import { BUSY_CPU_MS, GROWTH_BYTES, MemoryRelief, SAMPLE_INTERVAL_MS, collectGarbage, loadMallocTrim } from '../src/cli/memory-relief.js';
 
 describe('malloc_trim addon', () => {
   it('is installed with Postern (npm install builds it) on glibc Linux', () => {
@@ -56,20 +56,26 @@ describe('MemoryRelief', () => {
     const { logger, lines } = capturedLogger();
     let cpu = 0;
     let reliefs = 0;
+    let rss = 100 * 1024 * 1024;
+    /** What a relief gives back of the RSS, in bytes. */
+    let givesBack = 0;
     const relief = new MemoryRelief({
       logger,
       cpuMs: () => cpu,
+      rssBytes: () => rss,
       relieve: () => {
         reliefs++;
         cpu += 80; // the collection's own CPU
+        rss -= givesBack;
       },
     });
-    /** One sampling interval in which the process used `ms` of CPU. */
-    const second = (ms: number) => {
+    /** One sampling interval in which the process used `ms` of CPU and its RSS grew by `grow` bytes. */
+    const second = (ms: number, grow = 0) => {
       cpu += ms;
+      rss += grow;
       return relief.sample(SAMPLE_INTERVAL_MS);
     };
-    return { second, reliefs: () => reliefs, lines };
+    return { second, reliefs: () => reliefs, lines, givesBack: (bytes: number) => void (givesBack = bytes) };
   }
 
   it('relieves once, in the first quiet second after a burst, and not again until the next burst', () => {
@@ -86,6 +92,25 @@ describe('MemoryRelief', () => {
     expect(h.second(0)).toBe(true);
     expect(h.reliefs()).toBe(2);
     expect(h.lines.filter((l) => l.event === 'memory_relief')).toHaveLength(2);
+  });
+
+  it('relieves after the RSS grew by GROWTH_BYTES with little CPU (one big message), and once only', () => {
+    const h = harness();
+    // A 35 MB message: under a second of CPU, 40 MB more resident. Nothing while busy.
+    expect(h.second(600, 40 * 1024 * 1024)).toBe(false);
+    h.givesBack(35 * 1024 * 1024);
+    expect(h.second(5)).toBe(true);
+    // Quiet and no growth since: nothing, although the relief left 5 MB it could not give back.
+    for (let i = 0; i < 10; i++) expect(h.second(5)).toBe(false);
+    // Growth just under the threshold, then quiet: still nothing.
+    h.second(100, GROWTH_BYTES - 1024 * 1024);
+    expect(h.second(0)).toBe(false);
+    // Memory in use (a relief gives nothing back) calls again only after growing again.
+    h.givesBack(0);
+    h.second(100, 2 * 1024 * 1024);
+    expect(h.second(0)).toBe(true);
+    for (let i = 0; i < 10; i++) expect(h.second(5)).toBe(false);
+    expect(h.reliefs()).toBe(2);
   });
 
   it('never runs under a steady load, however long', () => {

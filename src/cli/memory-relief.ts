@@ -10,8 +10,10 @@
 // Measured with `npm run bench` after its load (1,000 idle connections): 164 MB resident; after a
 // full collection 157 MB; after malloc_trim(0) as well, 124 MB (`[heap]` from 67 to 26 MB).
 //
-// So once the process has been busy (BUSY_CPU_MS of CPU since the last relief) and then nearly idle
-// for a whole sampling interval, it runs one full collection and malloc_trim(0). Both pause the
+// So once the process has been busy (BUSY_CPU_MS of CPU since the last relief) or has grown (its
+// RSS GROWTH_BYTES above what the last relief left: one 35 MB message costs little CPU but leaves
+// its buffers behind) and then is nearly idle for a whole sampling interval, it runs one full
+// collection and malloc_trim(0). Both pause the
 // event loop (tens of milliseconds), which is why this waits for a quiet second and never runs
 // under steady load: there the memory is in use, and the next message would take it again.
 // malloc_trim comes from a tiny optional addon (native/malloc-trim); without it (no compiler at
@@ -23,6 +25,8 @@ import type { Logger } from '../observe/logger.js';
 
 /** CPU the process must have used since the last relief (a burst), in milliseconds. */
 export const BUSY_CPU_MS = 2000;
+/** Growth of the RSS since the last relief that calls for one, whatever the CPU used, in bytes. */
+export const GROWTH_BYTES = 16 * 1024 * 1024;
 /** Below this share of one core over a sampling interval, the process counts as quiet. */
 export const QUIET_CPU_SHARE = 0.05;
 /** How often CPU use is sampled. */
@@ -54,13 +58,18 @@ export interface MemoryReliefOptions {
   cpuMs?: () => number;
   /** The relief itself (default: a full collection, then malloc_trim). */
   relieve?: () => void;
+  /** The process's resident set in bytes (default: process.memoryUsage.rss()). */
+  rssBytes?: () => number;
 }
 
 export class MemoryRelief {
   readonly #logger: Logger;
   readonly #cpuMs: () => number;
   readonly #relieve: () => void;
+  readonly #rss: () => number;
   #timer: NodeJS.Timeout | undefined;
+  /** RSS after the last relief (or at start): growth is counted from here. */
+  #rssAfterRelief: number;
   /** CPU time at the last relief (or start), and at the previous sample. */
   #sinceRelief: number;
   #lastSample: number;
@@ -74,7 +83,9 @@ export class MemoryRelief {
         return (u.user + u.system) / 1000;
       });
     this.#relieve = options.relieve ?? defaultRelief();
+    this.#rss = options.rssBytes ?? (() => process.memoryUsage.rss());
     this.#sinceRelief = this.#lastSample = this.#cpuMs();
+    this.#rssAfterRelief = this.#rss();
   }
 
   start(): void {
@@ -91,14 +102,16 @@ export class MemoryRelief {
     const now = this.#cpuMs();
     const quiet = now - this.#lastSample < intervalMs * QUIET_CPU_SHARE;
     this.#lastSample = now;
-    if (!quiet || now - this.#sinceRelief < BUSY_CPU_MS) return false;
-    const rssBefore = process.memoryUsage.rss();
+    if (!quiet) return false;
+    const rssBefore = this.#rss();
+    if (now - this.#sinceRelief < BUSY_CPU_MS && rssBefore - this.#rssAfterRelief < GROWTH_BYTES) return false;
     const started = performance.now();
     this.#relieve();
     const ms = performance.now() - started;
     // The relief's own CPU must not count as the next burst.
     this.#sinceRelief = this.#lastSample = this.#cpuMs();
-    const rssAfter = process.memoryUsage.rss();
+    // Memory the relief could not give back is in use: only growth beyond it calls again.
+    const rssAfter = (this.#rssAfterRelief = this.#rss());
     this.#logger.debug(
       { event: 'memory_relief', rssBeforeMb: mb(rssBefore), rssAfterMb: mb(rssAfter), ms: Math.round(ms) },
       'quiet after a burst: memory given back',
