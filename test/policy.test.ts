@@ -353,6 +353,32 @@ describe('brute-force lockout', () => {
       await t.stop();
     }
   });
+
+  it('stores at most 30 failed logins a minute one by one, and the rest as one summary', async () => {
+    // A password spray from many addresses passes every lockout; the store must not take a row per
+    // attempt. 35 failures, each with its own username, from two addresses (under the address
+    // lockout of 20), all within one minute of the clock.
+    const t = await startTestPostern({ extra: NO_DNS });
+    try {
+      const second = new Date().getUTCSeconds();
+      if (second >= 45) await new Promise((resolve) => setTimeout(resolve, (61 - second) * 1000));
+      for (let i = 0; i < 35; i++) {
+        (await login(t, `spray${i}@example.com`, { localAddress: i < 18 ? '127.0.0.9' : '127.0.0.10', password: 'x' })).c.destroy();
+      }
+      await t.postern.events.drain();
+      const failed = (await t.postern.store.listSecurityEvents()).filter((e) => e.kind === 'auth_failed');
+      const oneByOne = failed.filter((e) => e.account !== null);
+      expect(oneByOne.map((e) => e.account).sort()).toEqual(Array.from({ length: 30 }, (_, i) => `spray${i}@example.com`).sort());
+      const summaries = failed.filter((e) => e.account === null);
+      expect(summaries).toHaveLength(1);
+      expect(summaries[0]).toMatchObject({ ip: null, listener: null, detail: { suppressed: 5, addresses: 1, usernames: 5 } });
+      expect(summaries[0]!.detail.message).toMatch(
+        /^5 more failed AUTH in the minute from \d\d:\d\d UTC, from 1 addresses for 5 usernames; not stored one by one \(at most 30 a minute are\), each is in the log$/,
+      );
+    } finally {
+      await t.stop();
+    }
+  }, 60_000);
 });
 
 describe('networks, connectors and alerts', () => {

@@ -14,6 +14,17 @@ const ALERT_KINDS: ReadonlySet<SecurityEventKind> = new Set(['lockout', 'new_net
 /** At most one alert per kind and account (or address) in this period, so a storm is one mail. */
 const ALERT_QUIET_MS = 15 * 60_000;
 
+/**
+ * Failed logins stored one by one in each minute of the clock; past that they are counted and
+ * stored as one summary event for the minute (each one is still logged). The lockout bounds the
+ * failures per address and per username, but not a password spray from thousands of addresses,
+ * which would otherwise write a row per attempt: 10,000 addresses at the default 20 failures per
+ * 15 minutes are 800,000 rows an hour. With this cap a minute costs at most 31 rows.
+ */
+export const AUTH_FAILED_STORED_PER_MINUTE = 30;
+/** Distinct addresses and usernames counted for a summary; past it the summary says "at least". */
+const SUMMARY_DISTINCT_MAX = 10_000;
+
 export interface SecurityEventsOptions {
   store: Store;
   logger: Logger;
@@ -26,6 +37,9 @@ export class SecurityEvents implements SecurityEventSink {
   readonly #options: SecurityEventsOptions;
   readonly #lastAlert = new Map<string, number>();
   readonly #pending = new Set<Promise<unknown>>();
+  /** The failed logins of the current minute (see AUTH_FAILED_STORED_PER_MINUTE). */
+  #failedLogins: FailedLoginMinute | undefined;
+  #summaryTimer: NodeJS.Timeout | undefined;
 
   constructor(options: SecurityEventsOptions) {
     this.#options = options;
@@ -34,15 +48,62 @@ export class SecurityEvents implements SecurityEventSink {
   /** Records the event; alerts go out in the background. */
   async record(event: NewSecurityEvent): Promise<void> {
     const at = event.at ?? Date.now();
-    const { store, logger } = this.#options;
+    const { logger } = this.#options;
     logger.warn({ event: 'security', kind: event.kind, account: event.account, ip: event.ip, listener: event.listener, detail: event.detail }, event.detail.message);
-    await store.recordSecurityEvent({ ...event, at }).catch((err: Error) => logger.error({ event: 'security_store_error', err: err.message }, 'cannot store security event'));
+    if (event.kind === 'auth_failed' && !this.#storeFailedLogin(event, at)) return;
+    await this.#store({ ...event, at });
     if (ALERT_KINDS.has(event.kind)) this.#track(this.#alert({ ...event, at }));
   }
 
-  /** Waits for alerts in flight (on shutdown and in tests). */
+  /** Waits for alerts in flight and stores a pending summary of failed logins (on shutdown and in tests). */
   async drain(): Promise<void> {
+    this.#track(this.#storeSummary());
     await Promise.allSettled([...this.#pending]);
+  }
+
+  async #store(event: NewSecurityEvent & { at: number }): Promise<void> {
+    const { store, logger } = this.#options;
+    await store.recordSecurityEvent(event).catch((err: Error) => logger.error({ event: 'security_store_error', err: err.message }, 'cannot store security event'));
+  }
+
+  /** false: this failed login is over the minute's share and only counted for its summary. */
+  #storeFailedLogin(event: NewSecurityEvent, at: number): boolean {
+    const minute = Math.floor(at / 60_000);
+    if (this.#failedLogins && this.#failedLogins.minute !== minute) this.#track(this.#storeSummary());
+    const current = (this.#failedLogins ??= { minute, stored: 0, over: 0, addresses: new Set(), usernames: new Set() });
+    if (current.stored < AUTH_FAILED_STORED_PER_MINUTE) {
+      current.stored++;
+      return true;
+    }
+    current.over++;
+    if (event.ip && current.addresses.size < SUMMARY_DISTINCT_MAX) current.addresses.add(event.ip);
+    if (event.account && current.usernames.size < SUMMARY_DISTINCT_MAX) current.usernames.add(event.account);
+    // Written when the minute is over even if no other failure comes to trigger it.
+    this.#summaryTimer ??= setTimeout(() => {
+      this.#summaryTimer = undefined;
+      this.#track(this.#storeSummary());
+    }, (minute + 1) * 60_000 - Date.now() + 1000).unref();
+    return false;
+  }
+
+  /** The summary of the failed logins not stored one by one, if there were any. */
+  async #storeSummary(): Promise<void> {
+    const done = this.#failedLogins;
+    this.#failedLogins = undefined;
+    clearTimeout(this.#summaryTimer);
+    this.#summaryTimer = undefined;
+    if (!done || done.over === 0) return;
+    const from = new Date(done.minute * 60_000).toISOString().slice(11, 16);
+    const atLeast = (set: Set<string>) => `${set.size >= SUMMARY_DISTINCT_MAX ? 'at least ' : ''}${set.size}`;
+    const message =
+      `${done.over} more failed AUTH in the minute from ${from} UTC, from ${atLeast(done.addresses)} addresses for ${atLeast(done.usernames)} usernames; ` +
+      `not stored one by one (at most ${AUTH_FAILED_STORED_PER_MINUTE} a minute are), each is in the log`;
+    this.#options.logger.warn({ event: 'security', kind: 'auth_failed', suppressed: done.over }, message);
+    await this.#store({
+      kind: 'auth_failed',
+      at: (done.minute + 1) * 60_000 - 1,
+      detail: { message, suppressed: done.over, addresses: done.addresses.size, usernames: done.usernames.size },
+    });
   }
 
   #track(p: Promise<unknown>): void {
@@ -118,4 +179,14 @@ export class SecurityEvents implements SecurityEventSink {
       logger.error({ event: 'alert_failed', via: 'mail', err: (err as Error).message }, 'cannot queue the alert mail');
     }
   }
+}
+
+interface FailedLoginMinute {
+  /** Minutes since the epoch. */
+  minute: number;
+  stored: number;
+  /** Failed logins past the share, summed up in one event. */
+  over: number;
+  addresses: Set<string>;
+  usernames: Set<string>;
 }
