@@ -63,6 +63,22 @@ async function stillServing(): Promise<void> {
   await c.quit();
 }
 
+describe('session ids', () => {
+  it('gives each connection its own id in smtp-server\'s form, the `session` of its log lines', async () => {
+    const connects = () => t.logs().filter((l) => l.event === 'connect').map((l) => l.session as string);
+    const before = connects().length;
+    for (let i = 0; i < 20; i++) {
+      const c = await RawSmtp.connect(t.port('relay'));
+      await c.read();
+      await c.quit();
+    }
+    const ids = connects().slice(before);
+    expect(ids).toHaveLength(20);
+    for (const id of ids) expect(id).toMatch(/^[0-9a-v]{16}$/);
+    expect(new Set(ids).size).toBe(20);
+  });
+});
+
 describe('commands out of order and malformed addresses', () => {
   it('answers 503 for RCPT before MAIL and DATA before RCPT', async () => {
     const before = await queuedCount();
