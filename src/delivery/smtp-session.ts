@@ -737,7 +737,6 @@ class ReplyWatch {
   stalled: SmtpClientError | undefined;
   readonly #connection: SMTPConnection;
   readonly #timeout: number;
-  readonly #enabled: boolean;
   /** False when nodemailer's internals changed and replies cannot be read alongside it. */
   readonly enabled: boolean;
   #active = false;
@@ -754,8 +753,7 @@ class ReplyWatch {
     this.#timeout = timeout;
     const internals = connection as unknown as ConnectionInternals;
     const onData = internals._onData;
-    this.#enabled = typeof onData === 'function';
-    this.enabled = this.#enabled;
+    this.enabled = typeof onData === 'function';
     if (onData) {
       internals._onData = (chunk: Buffer) => {
         this.#feed(chunk);
@@ -766,7 +764,7 @@ class ReplyWatch {
 
   /** An operation starts waiting on the server. */
   begin(options: { afterFirstReply?: boolean } = {}): void {
-    if (!this.#enabled) return;
+    if (!this.enabled) return;
     this.#active = true;
     this.#afterFirstReply = options.afterFirstReply ?? false;
     this.progress();

@@ -101,43 +101,40 @@ export class SmtpTarget implements DeliveryTarget {
     const onAbort = () => session?.destroy();
     signal?.addEventListener('abort', onAbort, { once: true });
     let reusable = false;
-    /** The session was kept from an earlier message (not opened for this one). */
-    let kept = false;
     /** A kept connection, else a new one; the failure when none could be opened. */
-    const connect = async (): Promise<DeliveryOutcome | undefined> => {
-      session = await lease.takeIdle();
-      kept = session !== undefined;
-      if (session) return undefined;
+    const connect = async (): Promise<{ session: SmtpSession; kept: boolean } | { failure: DeliveryOutcome }> => {
+      const idle = await lease.takeIdle();
+      if (idle) return { session: idle, kept: true };
       const opened = await this.#open(signal);
-      if ('failure' in opened) return opened.failure;
-      session = opened.session;
-      return undefined;
+      return 'failure' in opened ? opened : { session: opened.session, kept: false };
     };
     try {
-      const failure = await connect();
-      if (failure) return all(failure);
+      let connected = await connect();
+      if ('failure' in connected) return all(connected.failure);
+      session = connected.session;
 
       const batchSize = this.#options.maxRecipientsPerTransaction ?? 50;
       for (let start = 0; start < addresses.length; start += batchSize) {
         const batch = addresses.slice(start, start + batchSize);
         if (signal?.aborted) return all(deliveryError('INTERRUPTED').toOutcome());
-        if (session!.needsReset && !(await session!.reset())) {
+        if (session.needsReset && !(await session.reset())) {
           reusable = false;
-          return all(deliveryError('CONNECTION_LOST', { server: session!.server, reason: 'RSET failed' }).toOutcome());
+          return all(deliveryError('CONNECTION_LOST', { server: session.server, reason: 'RSET failed' }).toOutcome());
         }
-        let tx = await this.#transaction(job, batch, session!);
+        let tx = await this.#transaction(job, batch, session);
         // Each pass takes another kept connection or opens a new one (then kept is false): it ends.
-        while ('untouched' in tx && tx.untouched && kept && !signal?.aborted) {
-          const failure = await connect();
-          if (failure) return all(failure);
-          tx = await this.#transaction(job, batch, session!);
+        while ('untouched' in tx && tx.untouched && connected.kept && !signal?.aborted) {
+          connected = await connect();
+          if ('failure' in connected) return all(connected.failure);
+          session = connected.session;
+          tx = await this.#transaction(job, batch, session);
         }
         if (!('replies' in tx)) return all(tx);
         for (const [address, outcome] of tx.replies) outcomes.set(address, outcome);
         reusable = tx.reusable;
         if (!reusable) {
           // The rest of the recipients wait for a fresh connection on the next attempt.
-          return all(deliveryError('CONNECTION_LOST', { server: session!.server, reason: 'session ended' }).toOutcome());
+          return all(deliveryError('CONNECTION_LOST', { server: session.server, reason: 'session ended' }).toOutcome());
         }
       }
       return outcomes;
