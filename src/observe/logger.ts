@@ -20,13 +20,22 @@ export interface LoggerOptions {
 const LOG_BUFFER_BYTES = 4096;
 const LOG_FLUSH_MS = 250;
 
+/**
+ * Keys that could carry a secret, named one by one. No wildcard ("*.password"): pino runs a
+ * wildcard's redactor on every field of every line, numbers and strings included, and that
+ * redactor parses its paths again on each call; it was 11% of the bytes the intake allocated.
+ * Postern logs no option bags: the nested objects in its lines are `detail` (security events)
+ * and `auth`.
+ */
+export const REDACTED_PATHS = ['password', 'pass', 'secret', 'credentials', 'auth.password', 'auth.pass', 'detail.password', 'detail.pass', 'detail.secret'];
+
 export function createLogger(options: LoggerOptions = {}): Logger {
   return pino(
     {
       level: options.level ?? 'info',
       base: { app: 'postern' },
       timestamp: pino.stdTimeFunctions.isoTime,
-      redact: { paths: ['password', '*.password', 'auth.password', 'pass', '*.pass', 'secret', '*.secret', 'credentials'], censor: '[redacted]' },
+      redact: { paths: REDACTED_PATHS, censor: '[redacted]' },
       formatters: { level: (label) => ({ level: label }) },
     },
     options.destination ?? pino.destination({ dest: 1, sync: false, minLength: LOG_BUFFER_BYTES, periodicFlush: LOG_FLUSH_MS }),
