@@ -24,7 +24,7 @@ export function capYoungGeneration(maxBytes: number): void {
   v8.setFlagsFromString('--semi-space-growth-factor=2');
   const observer = new PerformanceObserver((list) => {
     const minor = list.getEntries().some((e) => (e as GcEntry).detail?.kind === constants.NODE_PERFORMANCE_GC_MINOR);
-    if (!minor || newSpaceBytes() * 2 < maxBytes) return;
+    if (!minor || newSpaceBytes() * 2 <= maxBytes) return;
     // One more doubling would pass the cap: no more.
     v8.setFlagsFromString('--semi-space-growth-factor=1');
     observer.disconnect();
