@@ -708,6 +708,8 @@ function serverLabel(hostname: string, ip: string, port: number): string {
 }
 
 const REPLY_TIMEOUT = 'REPLY_TIMEOUT';
+/** Characters of a reply line the ReplyWatch keeps. */
+const LINE_KEPT = 1000;
 
 /**
  * Reads the server's replies next to nodemailer (it wraps the connection's `_onData`) for two jobs.
@@ -795,12 +797,16 @@ class ReplyWatch {
 
   #feed(chunk: Buffer): void {
     this.#pending += chunk.length;
-    for (const char of chunk.toString('latin1')) {
-      if (char !== '\n') {
-        // Enough of a line to tell its code and keep a 421's text; nodemailer bounds the rest.
-        if (this.#line.length < 1000) this.#line += char;
-        continue;
-      }
+    // Line by line with indexOf, not character by character: every character appended to a
+    // string was an allocation, 5% of what the delivery thread allocated.
+    for (let start = 0; ; ) {
+      const newline = chunk.indexOf(0x0a, start);
+      const end = newline === -1 ? chunk.length : newline;
+      // Enough of a line to tell its code and keep a 421's text; nodemailer bounds the rest.
+      const room = LINE_KEPT - this.#line.length;
+      if (room > 0 && end > start) this.#line += chunk.toString('latin1', start, Math.min(end, start + room));
+      if (newline === -1) return;
+      start = newline + 1;
       const line = this.#line.replace(/\r$/, '');
       this.#line = '';
       this.#lines.push(line);
