@@ -123,7 +123,7 @@ export class SmtpTarget implements DeliveryTarget {
         }
         let tx = await this.#transaction(job, batch, session);
         // Each pass takes another kept connection or opens a new one (then kept is false): it ends.
-        while ('untouched' in tx && tx.untouched && connected.kept && !signal?.aborted) {
+        while ('replies' in tx && tx.untouched && connected.kept && !signal?.aborted) {
           connected = await connect();
           if ('failure' in connected) return all(connected.failure);
           session = connected.session;

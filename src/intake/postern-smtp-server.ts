@@ -122,7 +122,7 @@ export class PosternSmtpServer extends SMTPServer {
 }
 
 /** 80 random bits of a UUID (leaving out its version and variant digits), as smtp-server writes its ids. */
-export function connectionId(): string {
+function connectionId(): string {
   const hex = randomUUID().replace(/-/g, '');
   return BigInt(`0x${hex.slice(0, 12)}${hex.slice(17, 25)}`).toString(32).padStart(16, '0');
 }

@@ -27,7 +27,7 @@ const LOG_FLUSH_MS = 250;
  * Postern logs no option bags: the nested objects in its lines are `detail` (security events)
  * and `auth`.
  */
-export const REDACTED_PATHS = ['password', 'pass', 'secret', 'credentials', 'auth.password', 'auth.pass', 'detail.password', 'detail.pass', 'detail.secret'];
+const REDACTED_PATHS = ['password', 'pass', 'secret', 'credentials', 'auth.password', 'auth.pass', 'detail.password', 'detail.pass', 'detail.secret'];
 
 export function createLogger(options: LoggerOptions = {}): Logger {
   return pino(

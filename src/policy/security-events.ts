@@ -21,7 +21,7 @@ const ALERT_QUIET_MS = 15 * 60_000;
  * which would otherwise write a row per attempt: 10,000 addresses at the default 20 failures per
  * 15 minutes are 800,000 rows an hour. With this cap a minute costs at most 31 rows.
  */
-export const AUTH_FAILED_STORED_PER_MINUTE = 30;
+const AUTH_FAILED_STORED_PER_MINUTE = 30;
 /** Distinct addresses and usernames counted for a summary; past it the summary says "at least". */
 const SUMMARY_DISTINCT_MAX = 10_000;
 

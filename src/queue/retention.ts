@@ -15,7 +15,7 @@ import type { QueueStore, SecurityStore } from '../store/store.js';
 const BATCH = 500;
 
 /** How long security events are kept. */
-export const SECURITY_EVENTS_RETENTION_MS = 90 * 86_400_000;
+const SECURITY_EVENTS_RETENTION_MS = 90 * 86_400_000;
 
 export interface RetentionOptions {
   store: Pick<QueueStore, 'purgeFinished'> & Pick<SecurityStore, 'purgeSecurityEvents'>;
