@@ -123,6 +123,14 @@ describe('configuration', () => {
     expect(problems('[delivery]\nthread = "yes"\n')).toEqual(['delivery.thread: expected true, false or "auto"']);
   });
 
+  it('[delivery] thread_priority: "low" by default, "normal" on request, nothing else', () => {
+    const priority = (text: string) => parseConfigText(text, '/etc/postern/postern.toml').delivery.thread_priority;
+    expect(priority('')).toBe('low');
+    expect(priority('[delivery]\nthread_priority = "normal"\n')).toBe('normal');
+    expect(problems('[delivery]\nthread_priority = "high"\n')).toHaveLength(1);
+    expect(problems('[delivery]\nthread_priority = "high"\n')[0]).toMatch(/^delivery\.thread_priority: .*"low".*"normal"/);
+  });
+
   it('reports TOML syntax errors with the file name', () => {
     expect(problems('hostname = \n')[0]).toMatch(/^not valid TOML: /);
   });

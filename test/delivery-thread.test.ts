@@ -60,6 +60,29 @@ describe('delivery in a worker thread', () => {
     expect(stopped.at(-1)?.event).toBe('stopped');
   });
 
+  it('runs the delivery thread at nice 10 and the rest of the process at 0; "normal" leaves all at 0', async () => {
+    /** Nice value of each thread of the process (field 19 of /proc/PID/task/TID/stat). */
+    const niceByThread = (pid: number) =>
+      fs.readdirSync(`/proc/${pid}/task`).map((tid) => {
+        const stat = fs.readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8');
+        return { tid: Number(tid), nice: Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[16]) };
+      });
+    for (const priority of ['low', 'normal']) {
+      const dir = tempDir('postern-thread-');
+      fs.writeFileSync(path.join(dir, 'postern.toml'), configText(25, '').replace('thread = true', `thread = true\nthread_priority = "${priority}"`));
+      const server = await startServeProcess({ cwd: dir, args: ['--config', path.join(dir, 'postern.toml')] });
+      try {
+        const pid = server.child.pid!;
+        const threads = niceByThread(pid);
+        expect(threads.find((t) => t.tid === pid)?.nice).toBe(0);
+        // The worker thread alone: V8's and libuv's helper threads keep the process's priority.
+        expect(threads.filter((t) => t.nice !== 0).map((t) => t.nice)).toEqual(priority === 'low' ? [10] : []);
+      } finally {
+        expect(await server.stop()).toBe(0);
+      }
+    }
+  });
+
   it('stops start-up with exit code 2 when the thread finds a configuration error', () => {
     const dir = tempDir('postern-thread-');
     const file = path.join(dir, 'postern.toml');

@@ -446,6 +446,13 @@ export const configSchema = z
          * memory (docs/benchmarks.md).
          */
         thread: z.union([z.boolean(), z.literal('auto')], { error: 'expected true, false or "auto"' }).default('auto'),
+        /**
+         * The delivery thread's scheduling priority (Linux; elsewhere it is left alone). "low" (the
+         * default): nice 10 above the process's, so when the CPU is short the SMTP sessions
+         * waiting for their 250 come first and the queue absorbs the burst; deliveries still get
+         * about a tenth of a contended core, and all of an idle one. "normal": no difference.
+         */
+        thread_priority: z.enum(['low', 'normal']).default('low'),
       })
       .prefault({}),
     route: z

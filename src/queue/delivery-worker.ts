@@ -8,7 +8,7 @@ import { createLogger } from '../observe/logger.js';
 import { SecurityEvents } from '../policy/security-events.js';
 import { openStore } from '../store/open-store.js';
 import type { Store } from '../store/store.js';
-import type { ToWorker, WorkerData } from './delivery-thread.js';
+import { lowerThisThreadsPriority, type ToWorker, type WorkerData } from './delivery-thread.js';
 import { QueueRunner } from './queue-runner.js';
 
 const port = parentPort;
@@ -52,6 +52,10 @@ let housekeeping: NodeJS.Timeout | undefined;
 const relief = new MemoryRelief({ logger });
 
 async function start(): Promise<void> {
+  if ((config as Config).delivery.thread_priority === 'low') {
+    const nice = lowerThisThreadsPriority();
+    logger.debug({ event: 'delivery_thread_priority', nice }, 'delivery thread priority lowered');
+  }
   store = await openStore((config as Config).dataDir);
   // Upstream problems found here are stored and alerted from this thread, with its own store
   // connection; an alert mail it queues is this runner's to deliver.
