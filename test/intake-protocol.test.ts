@@ -1,5 +1,6 @@
 // Bad input at intake: every refusal checks the reply code and text, that nothing was queued, and
 // that the server goes on serving a well-behaved client afterwards.
+import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
@@ -447,6 +448,29 @@ describe('smtp-server adjustments', () => {
     } finally {
       vi.useRealTimers();
     }
+  });
+
+  it('answers a pipelined MAIL, RCPT and DATA in one TCP segment, and the message data in another', async () => {
+    const c = await relaySession();
+    // The server's side of this connection, counted by the kernel: segments carrying data.
+    const serverDataSegments = () => {
+      const out = execFileSync('ss', ['-tinH', 'state', 'established', `( sport = :${t.port('relay')} and dport = :${c.localPort} )`], { encoding: 'utf8' });
+      const m = /\bdata_segs_out:(\d+)/.exec(out);
+      if (!m) throw new Error(`no data_segs_out in: ${out}`);
+      return Number(m[1]);
+    };
+    const before = serverDataSegments();
+    const transactions = 10;
+    for (let i = 0; i < transactions; i++) {
+      c.write(`MAIL FROM:<cam${i}@device.local>\r\nRCPT TO:<inbox@example.net>\r\nDATA\r\n`);
+      expect([(await c.read()).code, (await c.read()).code, (await c.read()).code]).toEqual([250, 250, 354]);
+      c.write(`Subject: pipelined ${i}\r\n\r\nhello\r\n.\r\n`);
+      expect((await c.read()).text).toMatch(/^250 2\.0\.0 Ok: queued as /);
+    }
+    // Two per transaction; a reply per write would be four.
+    expect(serverDataSegments() - before).toBe(2 * transactions);
+    await c.quit();
+    await stillServing();
   });
 
   it('sets TCP_NODELAY on accepted sockets', async () => {

@@ -21,6 +21,17 @@
 // 7. Each connection's id (the `session` of every log line) is drawn from randomUUID's cache, not
 //    with randomBytes: that went to OpenSSL once per connection, 1 to 2% of a new connection's
 //    CPU. The same 80 random bits, in smtp-server's form (16 base-32 characters).
+// 8. Replies go out in one write per connection and turn of the event loop, as Redis writes its
+//    replies just before it waits for more input, and as RFC 2920 section 3.2 allows a server to
+//    do. A client that pipelines MAIL, RCPT and DATA gets its three replies in one segment instead
+//    of three: smtp-server writes each reply on its own, and on this VM every write that wakes a
+//    waiting client cost about 30 us, a quarter of the intake's main thread on reused connections.
+//    Measured in four alternating pairs of 3 s runs (relay port, reused connections, c=50, 2 cores):
+//    Postern's accepted messages 2,552 -> 2,918/s (medians) and its CPU per message 545 -> 474 us;
+//    the bare server alone 6 to 35% less CPU per message.
+//    Replies the client cannot do without before it may send again go out at once, with whatever
+//    was waiting before them: the greeting and STARTTLS's 220 (the TLS handshake must not find
+//    cleartext still queued), QUIT's 221 and 421.
 import { randomUUID } from 'node:crypto';
 import type net from 'node:net';
 import type tls from 'node:tls';
@@ -29,6 +40,8 @@ import { SMTPConnection } from 'smtp-server/lib/smtp-connection.js';
 import { smtpError } from '../errors/smtp-errors.js';
 
 const ENHANCED_PREFIX = /^[245]\.\d{1,3}\.\d{1,3} /;
+/** Replies written at once (8): the greeting and STARTTLS's go-ahead, QUIT's, and a closing 421. */
+const UNBUFFERED_REPLIES = new Set([220, 221, 421]);
 
 export interface PosternSmtpServerOptions extends SMTPServerOptions {
   /** Keep AUTH out of EHLO until the connection is encrypted (unless insecure AUTH is allowed). */
@@ -40,6 +53,8 @@ type InternalConnection = SMTPConnection & {
   _handlerPending: boolean;
   _parser?: { _dataMode?: boolean };
   _closing: boolean;
+  _socket: net.Socket;
+  _upgrading: boolean;
   _onCommand(command: Buffer, callback: () => void): void;
   _onTimeout(): void;
   _setListeners(done: () => void): void;
@@ -52,6 +67,9 @@ export class PosternSmtpServer extends SMTPServer {
   readonly #idleMs: number;
   readonly #lastCommand = new WeakMap<SMTPConnection, number>();
   readonly #sweep: NodeJS.Timeout;
+  /** Sockets corked since this turn of the event loop began writing replies (8). */
+  readonly #corked = new Set<net.Socket>();
+  #flushScheduled = false;
 
   constructor(options: PosternSmtpServerOptions) {
     const { hideAuthBeforeTls, ...rest } = options;
@@ -76,6 +94,25 @@ export class PosternSmtpServer extends SMTPServer {
       this.#lastCommand.set(c, now);
       c._onTimeout();
     }
+  }
+
+  /** Holds a reply for the end of this turn of the event loop, or writes what waits now (8). */
+  #hold(connection: InternalConnection, code: number): void {
+    const socket = connection._socket;
+    if (UNBUFFERED_REPLIES.has(code) || connection._upgrading) {
+      if (this.#corked.delete(socket)) socket.uncork();
+      return;
+    }
+    if (this.#corked.has(socket) || !socket.writable) return;
+    socket.cork();
+    this.#corked.add(socket);
+    if (this.#flushScheduled) return;
+    this.#flushScheduled = true;
+    setImmediate(() => {
+      this.#flushScheduled = false;
+      for (const held of this.#corked) held.uncork();
+      this.#corked.clear();
+    });
   }
 
   /** smtp-server's step between accepting a socket and connect(): the PROXY header, and the id (7). */
@@ -105,6 +142,7 @@ export class PosternSmtpServer extends SMTPServer {
       }
       if (code === 538) data = smtpError('AUTH_NEEDS_TLS').message;
       if (typeof data === 'string' && ENHANCED_PREFIX.test(data)) context = false;
+      this.#hold(connection, code);
       send(code, data, context);
     };
 
