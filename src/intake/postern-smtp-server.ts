@@ -69,7 +69,6 @@ export class PosternSmtpServer extends SMTPServer {
   readonly #sweep: NodeJS.Timeout;
   /** Sockets corked since this turn of the event loop began writing replies (8). */
   readonly #corked = new Set<net.Socket>();
-  #flushScheduled = false;
 
   constructor(options: PosternSmtpServerOptions) {
     const { hideAuthBeforeTls, ...rest } = options;
@@ -106,10 +105,10 @@ export class PosternSmtpServer extends SMTPServer {
     if (this.#corked.has(socket) || !socket.writable) return;
     socket.cork();
     this.#corked.add(socket);
-    if (this.#flushScheduled) return;
-    this.#flushScheduled = true;
+    // The first socket held on this turn schedules the flush for all of them. (Should an earlier
+    // flush still be pending, it finds what it finds and the later one nothing: harmless.)
+    if (this.#corked.size > 1) return;
     setImmediate(() => {
-      this.#flushScheduled = false;
       for (const held of this.#corked) held.uncork();
       this.#corked.clear();
     });
