@@ -467,8 +467,9 @@ describe('smtp-server adjustments', () => {
       c.write(`Subject: pipelined ${i}\r\n\r\nhello\r\n.\r\n`);
       expect((await c.read()).text).toMatch(/^250 2\.0\.0 Ok: queued as /);
     }
-    // Two per transaction; a reply per write would be four.
-    expect(serverDataSegments() - before).toBe(2 * transactions);
+    // Two per transaction (20 here); a write per reply makes four (40). The slack is for a
+    // client write the kernel might split, never seen on loopback.
+    expect(serverDataSegments() - before).toBeLessThanOrEqual(2 * transactions + 2);
     await c.quit();
     await stillServing();
   });
