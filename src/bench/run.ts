@@ -74,6 +74,8 @@ const settings = {
   policy: envChoice('BENCH_POLICY', ['on', 'off']),
   /** BENCH_DELIVERY_THREAD=0 or 1: Postern runs with `[delivery] thread = false` or `true`; else the default ("auto"). */
   deliveryThread: envChoice('BENCH_DELIVERY_THREAD', ['auto', '0', '1']),
+  /** BENCH_DELIVERY_PRIORITY=normal: `[delivery] thread_priority = "normal"`; else the default ("low", nice 10). */
+  deliveryPriority: envChoice('BENCH_DELIVERY_PRIORITY', ['low', 'normal']),
   only: envChoice('BENCH_ONLY', ['all', 'memory', 'throughput', 'quick', 'intake', 'upstream']),
   messageSize: MESSAGE_SIZE,
   concurrency: CONCURRENCY,
@@ -172,7 +174,7 @@ async function main(): Promise<void> {
           nodeArgs: [...settings.posternNodeArgs, ...(settings.cpuProfile ? ['--cpu-prof', `--cpu-prof-dir=${profileDir}`] : [])],
           logLevel: process.env.BENCH_LOG_LEVEL || undefined,
           enforcePolicy: settings.policy === 'on',
-          ...(settings.deliveryThread === 'auto' ? {} : { extraConfig: `\n[delivery]\nthread = ${settings.deliveryThread === '1'}\n` }),
+          extraConfig: deliveryToml(settings),
         },
         ACCOUNT,
       );
@@ -535,3 +537,12 @@ main().then(
     process.exit(1);
   },
 );
+
+/** The [delivery] keys the bench's knobs change, or nothing when both are left at the default. */
+function deliveryToml(settings: { deliveryThread: string; deliveryPriority: string }): string | undefined {
+  const keys = [
+    ...(settings.deliveryThread === 'auto' ? [] : [`thread = ${settings.deliveryThread === '1'}`]),
+    ...(settings.deliveryPriority === 'low' ? [] : [`thread_priority = "${settings.deliveryPriority}"`]),
+  ];
+  return keys.length ? `\n[delivery]\n${keys.join('\n')}\n` : undefined;
+}
