@@ -21,9 +21,11 @@
 // process. A 250 is what a device or an app waits for; a delivery can wait in the durable queue.
 // When both want the CPU, the scheduler now gives the SMTP sessions about ten times the share of
 // the deliveries (CFS weights 1024 and 110), and an idle core still goes to the deliveries whole.
-// Measured with `npm run bench` (BENCH_ONLY=quick, 2 cores, 2026-11-29, two runs before and four
-// after): 587 reused connections 797 and 802/s before, 1,025 to 1,226/s after; end to end 778 and
-// 810/s before, 858 to 1,018/s after (less time lost to the two sides preempting each other).
+// Measured with `npm run bench` (BENCH_ONLY=quick, 2 cores, 2026-11-29, ten runs): 587 reused
+// connections a median of about 1,070/s at nice 10 against 890/s at nice 0; end to end about 880
+// against 850/s, within a spread of 750 to 1,250/s on both sides, so not settled
+// (docs/benchmarks.md, BENCH_DELIVERY_PRIORITY). A cost to watch for: the thread preempted while
+// it holds SQLite's write lock, the intake's commit then backing off for it.
 // Under a load the deliveries cannot keep up with, the queue grows faster than at "normal"; the
 // free-space reserve (intake/free-space.ts) still stops the intake before the disk is full. The
 // thread also yields to other programs at nice 0 on the same machine: "normal" when that matters.
