@@ -154,8 +154,8 @@ export class SqliteStore implements Store {
   readonly #finishedBodies = new Map<string, FinishedBody>();
   readonly #enqueues: GroupCommit<NewMessage>;
   readonly #outcomes: GroupCommit<OutcomeCall>;
-  readonly #enqueueBatch: BetterSqlite3.Transaction<(messages: NewMessage[]) => ItemResult<void>[]>;
-  readonly #outcomeBatch: BetterSqlite3.Transaction<(calls: OutcomeCall[]) => ItemResult<OutcomeEffect>[]>;
+  readonly #enqueueBatch: BatchTransaction<NewMessage, void>;
+  readonly #outcomeBatch: BatchTransaction<OutcomeCall, OutcomeEffect>;
   readonly #claim: BetterSqlite3.Transaction<(now: number, limit: number) => ClaimedRows[]>;
 
   constructor(options: {
@@ -176,16 +176,13 @@ export class SqliteStore implements Store {
     const sql = prepareStatements(this.#sqlite);
     this.#sql = sql;
 
-    // One transaction per batch, one savepoint per item (a nested better-sqlite3 transaction):
-    // an item that fails (a duplicate queue id, say) is rolled back and refused alone.
-    const insertOne = this.#sqlite.transaction((message: NewMessage) => {
+    this.#enqueueBatch = batchTransaction(this.#sqlite, (message: NewMessage) => {
       insertMessage(sql, message);
       const inline = this.#finishedBodies.get(message.queueId)?.inline;
       if (inline != null) sql.insertBody.run(message.queueId, inline);
     });
-    this.#enqueueBatch = this.#sqlite.transaction((messages: NewMessage[]) => messages.map((m) => attempt(() => insertOne(m))));
 
-    const recordOne = this.#sqlite.transaction(({ queueId, outcomes, now }: OutcomeCall): OutcomeEffect => {
+    this.#outcomeBatch = batchTransaction(this.#sqlite, ({ queueId, outcomes, now }: OutcomeCall): OutcomeEffect => {
       for (const o of outcomes) {
         sql.recordOutcome.run({
           queue_id: queueId,
@@ -203,7 +200,6 @@ export class SqliteStore implements Store {
       sql.deactivateMessage.run(queueId);
       return sql.deleteBody.run(queueId).changes > 0 ? 'final_inline' : 'final_file';
     });
-    this.#outcomeBatch = this.#sqlite.transaction((calls: OutcomeCall[]) => calls.map((c) => attempt(() => recordOne(c))));
 
     this.#claim = this.#sqlite.transaction((now: number, limit: number) => {
       // The oldest due recipients first, until `limit` distinct messages; the iterator stops
@@ -336,7 +332,7 @@ export class SqliteStore implements Store {
     // hear "committed". An fsync error refuses the whole batch: its rows are in the database but
     // may not be on disk, so the client must not get a 250 (if it sends again, the message may be
     // delivered twice, never lost).
-    let committed = ready.length > 0 ? await this.#hot(() => this.#enqueueBatch.immediate(ready)) : [];
+    let committed = ready.length > 0 ? await this.#hot(() => this.#enqueueBatch(ready)) : [];
     if (committed.some((r) => r.ok)) {
       try {
         await this.#wal.sync();
@@ -383,7 +379,7 @@ export class SqliteStore implements Store {
    * WAL is fsync'd before any file is unlinked.
    */
   async #commitOutcomes(calls: OutcomeCall[]): Promise<ItemResult<void>[]> {
-    const results = await this.#hot(() => this.#outcomeBatch.immediate(calls));
+    const results = await this.#hot(() => this.#outcomeBatch(calls));
     if (results.some((r) => r.ok && r.value === 'final_file')) {
       // Should the fsync fail, the files stay; releaseInFlight removes those of finished messages
       // at the next start.
@@ -718,6 +714,32 @@ function insertMessage(sql: SqliteStatements, message: NewMessage): void {
 function isBusy(err: unknown): boolean {
   const code = (err as { code?: unknown }).code;
   return code === 'SQLITE_BUSY' || code === 'SQLITE_LOCKED' || (typeof code === 'string' && code.startsWith('SQLITE_BUSY_'));
+}
+
+/** One BEGIN IMMEDIATE transaction for a batch, with a result per item. */
+type BatchTransaction<T, R> = (items: T[]) => ItemResult<R>[];
+
+/**
+ * A batch runs as one plain transaction; only when one of its items fails is it rolled back and
+ * run again with a savepoint per item, so that the failing item is refused alone and the rest
+ * commit. Why not the savepoints every time: they cost about a third of an enqueue's CPU (a batch
+ * of 20 inline 4 KiB messages in one process: 65 against 47 us per message), and an item fails
+ * almost never (a duplicate queue id, a constraint a bug broke). A busy lock fails the first BEGIN
+ * and is thrown as it is, for #hot to retry; so is a failure of the second run as a whole (COMMIT on
+ * a full disk, say), which the group commit hands to every item.
+ */
+function batchTransaction<T, R>(db: BetterSqlite3.Database, one: (item: T) => R): BatchTransaction<T, R> {
+  const together = db.transaction((items: T[]) => items.map((item): ItemResult<R> => ({ ok: true, value: one(item) })));
+  const alone = db.transaction(one);
+  const separately = db.transaction((items: T[]) => items.map((item) => attempt(() => alone(item))));
+  return (items) => {
+    try {
+      return together.immediate(items);
+    } catch (err) {
+      if (isBusy(err)) throw err;
+      return separately.immediate(items);
+    }
+  };
 }
 
 function attempt<R>(fn: () => R): ItemResult<R> {
