@@ -1,17 +1,18 @@
-// Watches message data as it streams to the spool and stops writing at the first problem, while
-// still consuming the rest so the SMTP conversation stays in step (the client is sending until
+// Watches message data on its way to the spool and stops it at the first problem, while the intake
+// still consumes the rest so the SMTP conversation stays in step (the client is sending until
 // CRLF.CRLF whatever we think of it):
 //  - a bare LF or bare CR: the SMTP smuggling family (CVE-2023-51764 and relatives) relies on
 //    servers that disagree about where a line, and so the message, ends. Only CRLF is accepted.
 //  - more bytes than the size limit: nothing past the limit reaches the disk.
-import { Transform, type TransformCallback } from 'node:stream';
-
+//
+// A plain object called per chunk, not a Transform stream: a stream stage per message cost its
+// pipe, listeners and buffers for nothing (see the intake's #onData).
 const CR = 0x0d;
 const LF = 0x0a;
 
 export type DataViolation = { kind: 'bare_lf' | 'bare_cr'; offset: number } | { kind: 'too_big'; limit: number };
 
-export class DataGuard extends Transform {
+export class DataGuard {
   violation: DataViolation | null = null;
   bytes = 0;
   readonly #limit: number;
@@ -19,29 +20,29 @@ export class DataGuard extends Transform {
   #pendingCr = false;
 
   constructor(limit: number) {
-    super();
     this.#limit = limit;
   }
 
-  override _transform(chunk: Buffer, _enc: BufferEncoding, callback: TransformCallback): void {
+  /** Counts a chunk; true when it may be written on, false from the first violation on. */
+  accept(chunk: Buffer): boolean {
     const start = this.bytes;
     this.bytes += chunk.length;
-    if (this.violation) return callback();
+    if (this.violation) return false;
     if (this.bytes > this.#limit) {
       this.violation = { kind: 'too_big', limit: this.#limit };
-      return callback();
+      return false;
     }
     const bad = this.#findBareLineEnding(chunk);
     if (bad) {
       this.violation = { kind: bad.kind, offset: start + bad.index };
-      return callback();
+      return false;
     }
-    callback(null, chunk);
+    return true;
   }
 
-  override _flush(callback: TransformCallback): void {
+  /** The end of the data: a CR still waiting for its LF is a bare CR. */
+  end(): void {
     if (!this.violation && this.#pendingCr) this.violation = { kind: 'bare_cr', offset: this.bytes - 1 };
-    callback();
   }
 
   #findBareLineEnding(chunk: Buffer): { kind: 'bare_lf' | 'bare_cr'; index: number } | null {

@@ -4,7 +4,6 @@
 // Exchange Online's header limit: a header section larger than that is refused (552 5.3.4), never
 // passed on unchecked, since the policy could not see all of it.
 import { randomUUID } from 'node:crypto';
-import { Transform, type TransformCallback } from 'node:stream';
 import { type SmtpReplyError, smtpError } from '../errors/smtp-errors.js';
 import { formatRfc5322Date } from '../mail/rfc5322-date.js';
 
@@ -56,7 +55,11 @@ export interface HeaderView {
   all(name: string): string[];
 }
 
-export class HeaderFixups extends Transform {
+/**
+ * Called per chunk of message data with a function that takes what may be written on, in order.
+ * A plain object, not a Transform stream, for the same reason as DataGuard.
+ */
+export class HeaderFixups {
   /** The Message-ID the message carries (its own or the one added), once headers are read. */
   messageId: string | undefined;
   /** Set when the header policy refused the message; nothing more is written then. */
@@ -76,16 +79,16 @@ export class HeaderFixups extends Transform {
   readonly #policy: ((headers: HeaderView) => HeaderDecision) | undefined;
 
   constructor(received: string, hostname: string, date: Date, policy?: (headers: HeaderView) => HeaderDecision) {
-    super();
     this.#received = received;
     this.#hostname = hostname;
     this.#date = date;
     this.#policy = policy;
   }
 
-  override _transform(chunk: Buffer, _enc: BufferEncoding, callback: TransformCallback): void {
-    if (this.rejection) return callback();
-    if (this.#done) return callback(null, chunk);
+  /** Takes a chunk; passes on to `emit` what may be written now (nothing while headers are read). */
+  take(chunk: Buffer, emit: (piece: Buffer) => void): void {
+    if (this.rejection) return;
+    if (this.#done) return emit(chunk);
     const start = this.#buffered;
     this.#buffer.push(chunk);
     this.#buffered += chunk.length;
@@ -108,22 +111,20 @@ export class HeaderFixups extends Transform {
     const startsBlank = this.#head.length >= 2 && this.#head[0] === 0x0d && this.#head[1] === 0x0a;
     if (startsBlank) end = 0;
     // A header section of MAX_HEADER_BLOCK bytes ends with the blank line by byte MAX + 2.
-    if (end === -1 && this.#buffered < MAX_HEADER_BLOCK + 2) return callback();
+    if (end === -1 && this.#buffered < MAX_HEADER_BLOCK + 2) return;
     const all = joined(this.#buffer);
-    this.#release(all, end === -1 ? null : all.subarray(0, end + 2));
-    callback();
+    this.#release(all, end === -1 ? null : all.subarray(0, end + 2), emit);
   }
 
-  override _flush(callback: TransformCallback): void {
-    if (!this.#done) {
-      // The whole message is headers (no blank line): still add what is missing.
-      const all = joined(this.#buffer);
-      this.#release(all, all);
-    }
-    callback();
+  /** The end of the data: passes on what is still held. */
+  end(emit: (piece: Buffer) => void): void {
+    if (this.#done || this.rejection) return;
+    // The whole message is headers (no blank line): still add what is missing.
+    const all = joined(this.#buffer);
+    this.#release(all, all, emit);
   }
 
-  #release(all: Buffer, headerBlock: Buffer | null): void {
+  #release(all: Buffer, headerBlock: Buffer | null, emit: (piece: Buffer) => void): void {
     this.#done = true;
     this.#buffer = [];
     // Headers the policy cannot see in full are never passed on: the header section ends within
@@ -161,8 +162,8 @@ export class HeaderFixups extends Transform {
       own(`Message-ID: ${this.messageId}\r\n`);
     }
     if (!fields.has('date')) own(`Date: ${formatRfc5322Date(this.#date)}\r\n`);
-    this.push(Buffer.concat(prefix));
-    this.push(all);
+    emit(Buffer.concat(prefix));
+    emit(all);
   }
 }
 

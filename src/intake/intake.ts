@@ -370,16 +370,32 @@ export class Intake {
       new Date(receivedAt),
       state ? this.#options.policy.headerCheck(state) : undefined,
     );
+    // One listener runs each chunk through the guard and the fix-ups into the body writer: no
+    // stream stage per check (their pipes alone were 7.6% of the intake's allocations).
+    // If the disk fails we must keep reading the client's data to its end (so the conversation
+    // stays in step) while writing nothing more.
+    const body = writer.stream;
     const storage: { error: Error | null } = { error: null };
-    // Plain pipes, not pipeline(): if the disk fails we must keep reading the client's data to
-    // its end (so the conversation stays in step) while writing nothing more.
-    writer.stream.on('error', (err) => {
+    body.on('error', (err) => {
       storage.error ??= err;
-      fixups.unpipe(writer.stream);
-      fixups.resume();
+      stream.resume();
     });
-    stream.pipe(guard).pipe(fixups).pipe(writer.stream);
-    await once(guard, 'end').catch(() => undefined);
+    const emit = (piece: Buffer) => {
+      if (storage.error) return;
+      // Backpressure from a spilled body's file: the client waits while the disk catches up.
+      if (!body.write(piece)) {
+        stream.pause();
+        body.once('drain', () => stream.resume());
+      }
+    };
+    stream.on('data', (chunk: Buffer) => {
+      if (guard.accept(chunk)) fixups.take(chunk, emit);
+    });
+    await once(stream, 'end').catch(() => undefined);
+    guard.end();
+    if (!guard.violation) fixups.end(emit);
+    // A refused message is aborted below, never finished.
+    if (!guard.violation && !fixups.rejection && !storage.error) body.end();
 
     const violation = guard.violation;
     if (fixups.rejection && !violation) {
