@@ -13,6 +13,7 @@
 // one (the server socket's write buffer, connections held, bytes copied).
 import fs from 'node:fs';
 import net from 'node:net';
+import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import { HeaderFixups } from '../src/intake/header-fixups.js';
 import { type TestPostern, startHeldQueuePostern } from './helpers/postern-harness.js';
@@ -343,6 +344,36 @@ describe('SMTP smuggling: every end-of-data look-alike is refused and nothing is
 });
 
 // -----------------------------------------------------------------------------------------------
+
+describe('clients that hang up in the middle of their data', () => {
+  // A message is the client's only once it sent CRLF.CRLF. A client cut off before that (a camera
+  // losing power, a dropped Wi-Fi) must leave nothing in the queue, however much of it arrived:
+  // a truncated message delivered would be worse than none, and the client will send it again.
+  for (const [name, partial] of [
+    ['in the header section', 'Subject: cut off\r\nX-Header: tr'],
+    ['in the body', 'Subject: cut off\r\n\r\nthe first line of the body\r\nthe second li'],
+    ['right before the final dot', 'Subject: cut off\r\n\r\nthe whole body\r\n'],
+    // Past the 64 KiB kept in memory: the body was spilling to a spool file, which must go too.
+    ['in a body that was spilling to the spool', `Subject: cut off\r\n\r\n${'spilled body line of 32 bytes\r\n'.repeat(4096)}`],
+  ] as const) {
+    abuse(`queues nothing when the connection closes ${name}`, async () => {
+      const before = await queuedIds();
+      const w = await relayWire();
+      expect((await w.command('MAIL FROM:<alarm@camera.example>')).code).toBe(250);
+      expect((await w.command('RCPT TO:<ops@example.net>')).code).toBe(250);
+      expect((await w.command('DATA')).code).toBe(354);
+      w.write(partial);
+      // Let the server read what was sent before the connection goes.
+      await new Promise((resolve) => setTimeout(resolve, 100));
+      w.destroy();
+      await noSessionsLeft();
+      await new Promise((resolve) => setTimeout(resolve, 200));
+      expect(await queuedIds()).toEqual(before);
+      const queuedFiles = new Set(before.map((id) => `${id}.eml`));
+      expect(fs.readdirSync(path.join(t.dir, 'spool')).filter((f) => !queuedFiles.has(f))).toEqual([]);
+    });
+  }
+});
 
 describe('over-long command lines', () => {
   abuse('refuses a 5,000-byte EHLO with 501 and goes on serving the session', async () => {

@@ -10,7 +10,7 @@
 //
 // Each refusal is an SmtpReplyError from errors/smtp-errors.ts.
 import net from 'node:net';
-import { once } from 'node:events';
+import { finished } from 'node:stream/promises';
 import type { SMTPServerAddress, SMTPServerAuthentication, SMTPServerDataStream, SMTPServerSession } from 'smtp-server';
 import type { Authenticator } from '../accounts/authenticator.js';
 import type { ConnectorConfig } from '../config/config-schema.js';
@@ -391,7 +391,17 @@ export class Intake {
     stream.on('data', (chunk: Buffer) => {
       if (guard.accept(chunk)) fixups.take(chunk, emit);
     });
-    await once(stream, 'end').catch(() => undefined);
+    // A message is the client's only once it sent CRLF.CRLF: should the connection close before
+    // (smtp-server then destroys the data stream), what arrived is dropped, never queued.
+    const complete = await finished(stream, { writable: false }).then(
+      () => true,
+      () => false,
+    );
+    if (!complete) {
+      await writer.abort().catch(() => undefined);
+      state?.log.info({ event: 'data_aborted', bytes: guard.bytes }, 'connection closed before the end of the message data; nothing queued');
+      throw new Error('connection closed before the end of the message data');
+    }
     guard.end();
     if (!guard.violation) fixups.end(emit);
     // A refused message is aborted below, never finished.
