@@ -164,18 +164,20 @@ async function main(): Promise<void> {
       children.push(durablePlain);
 
       const profileDir = path.join(dir, 'profile');
+      /** Every Postern of the run alike: the bench's knobs apply to each, only dir and policy differ. */
+      const posternOptions = (posternDir: string, enforcePolicy: boolean, extraNodeArgs: string[] = []) => ({
+        dir: posternDir,
+        certFile,
+        keyFile,
+        sinkPort: sink.port,
+        maxMessageSize: MAX_MESSAGE_SIZE,
+        nodeArgs: [...settings.posternNodeArgs, ...extraNodeArgs],
+        logLevel: process.env.BENCH_LOG_LEVEL || undefined,
+        enforcePolicy,
+        extraConfig: deliveryToml(settings),
+      });
       const postern = await PosternProcess.start(
-        {
-          dir,
-          certFile,
-          keyFile,
-          sinkPort: sink.port,
-          maxMessageSize: MAX_MESSAGE_SIZE,
-          nodeArgs: [...settings.posternNodeArgs, ...(settings.cpuProfile ? ['--cpu-prof', `--cpu-prof-dir=${profileDir}`] : [])],
-          logLevel: process.env.BENCH_LOG_LEVEL || undefined,
-          enforcePolicy: settings.policy === 'on',
-          extraConfig: deliveryToml(settings),
-        },
+        posternOptions(dir, settings.policy === 'on', settings.cpuProfile ? ['--cpu-prof', `--cpu-prof-dir=${profileDir}`] : []),
         ACCOUNT,
       );
       children.push(postern);
@@ -267,8 +269,9 @@ async function main(): Promise<void> {
         }
 
         if (settings.policy === 'on' && !quick && !intakeOnly) {
-          // Policy overhead, in this run: two more Posterns, identical but for `[policy] enforce`,
-          // each with a fresh data dir, take the same 587 loads in turn. Both fresh: the first
+          // Policy overhead, in this run: two more Posterns, identical but for `[policy] enforce`
+          // (the delivery knobs included, which the "off" side used to miss), each with a fresh
+          // data dir, take the same 587 loads in turn. Both fresh: the first
           // Postern's database holds every message of the run by now (over 100,000 rows when it is
           // fast), which costs it more per message than a new database does, and that difference
           // once passed for the policy's cost (63% and 77% "on vs off", against 97% with the same
@@ -278,19 +281,7 @@ async function main(): Promise<void> {
             say(`policy overhead: a fresh Postern with [policy] enforce = ${enforcePolicy}`);
             const policyDir = path.join(dir, name);
             fs.mkdirSync(policyDir, { recursive: true });
-            const child = await PosternProcess.start(
-              {
-                dir: policyDir,
-                certFile,
-                keyFile,
-                sinkPort: sink.port,
-                maxMessageSize: MAX_MESSAGE_SIZE,
-                nodeArgs: settings.posternNodeArgs,
-                logLevel: process.env.BENCH_LOG_LEVEL || undefined,
-                enforcePolicy,
-              },
-              ACCOUNT,
-            );
+            const child = await PosternProcess.start(posternOptions(policyDir, enforcePolicy), ACCOUNT);
             children.push(child);
             const policyBench = new Bench(sink, child);
             await policyBench.posternLoad('submission', 'reuse', 10, { warmupMs: 0, durationMs: 2000 });

@@ -375,13 +375,14 @@ export class Intake {
     // If the disk fails we must keep reading the client's data to its end (so the conversation
     // stays in step) while writing nothing more.
     const body = writer.stream;
-    const storage: { error: Error | null } = { error: null };
+    // Set from the error listener; `as` keeps TypeScript from narrowing it to null here.
+    let storageError = null as Error | null;
     body.on('error', (err) => {
-      storage.error ??= err;
+      storageError ??= err;
       stream.resume();
     });
     const emit = (piece: Buffer) => {
-      if (storage.error) return;
+      if (storageError) return;
       // Backpressure from a spilled body's file: the client waits while the disk catches up.
       if (!body.write(piece)) {
         stream.pause();
@@ -405,7 +406,7 @@ export class Intake {
     guard.end();
     if (!guard.violation) fixups.end(emit);
     // A refused message is aborted below, never finished.
-    if (!guard.violation && !fixups.rejection && !storage.error) body.end();
+    if (!guard.violation && !fixups.rejection && !storageError) body.end();
 
     const violation = guard.violation;
     if (fixups.rejection && !violation) {
@@ -414,7 +415,7 @@ export class Intake {
       if (state) await this.#options.policy.headerRefused(state, fixups.rejection);
       throw fixups.rejection;
     }
-    if (violation || storage.error) {
+    if (violation || storageError) {
       await writer.abort().catch(() => undefined);
       if (violation?.kind === 'too_big') {
         state?.log.warn({ event: 'data_rejected', reason: 'too_big', bytes: guard.bytes }, 'message too big');
@@ -424,8 +425,8 @@ export class Intake {
         state?.log.warn({ event: 'data_rejected', reason: violation.kind, offset: violation.offset }, 'bare line ending');
         throw smtpError('BARE_LINE_ENDING', { kind: violation.kind === 'bare_lf' ? 'LF' : 'CR' });
       }
-      state?.log.error({ event: 'data_rejected', reason: 'storage', fault: storageFault(storage.error), err: storage.error?.message }, 'spool write failed');
-      throw storageReply(storage.error);
+      state?.log.error({ event: 'data_rejected', reason: 'storage', fault: storageFault(storageError), err: storageError?.message }, 'spool write failed');
+      throw storageReply(storageError);
     }
     // The disk may have filled up while the data came in: keep the reserve for the queue. This
     // message's own bytes do not count (a spilled body is on disk already; an inline one is small).

@@ -25,10 +25,10 @@
 //    replies just before it waits for more input, and as RFC 2920 section 3.2 allows a server to
 //    do. A client that pipelines MAIL, RCPT and DATA gets its three replies in one segment instead
 //    of three: smtp-server writes each reply on its own, and on this VM every write that wakes a
-//    waiting client cost about 30 us (from CPU profiles), a quarter of the intake's main thread on reused connections.
-//    Measured in four alternating pairs of 3 s runs (relay port, reused connections, c=50, 2 cores):
-//    Postern's accepted messages 2,552 -> 2,918/s (medians) and its CPU per message 545 -> 474 us;
-//    the bare server alone 6 to 35% less CPU per message.
+//    waiting client cost about 30 us (from CPU profiles), a quarter of the intake's main thread on
+//    reused connections. Measured in four alternating pairs of 3 s runs (relay port, reused
+//    connections, c=50, 2 cores): Postern's accepted messages 2,552 -> 2,918/s (medians) and its
+//    CPU per message 545 -> 474 us; the bare server alone 6 to 35% less CPU per message.
 //    A 220 (the greeting, STARTTLS's go-ahead) goes out at once, with whatever was held before it:
 //    STARTTLS wraps the socket in TLS right after its 220, and the cleartext reply must be on the
 //    wire before that, not left to the wrapped socket's buffer (Node happens to write it in order
