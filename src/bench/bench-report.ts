@@ -33,6 +33,11 @@ export interface ScenarioFigures {
    * usage grows with it (all bench mail is one account), so later scenarios carry more history.
    */
   posternAcceptedBefore?: number;
+  /**
+   * Which pass over the concurrency-50 pairs (BENCH_ROUNDS): 1 for the first, which also runs the
+   * other concurrencies; absent in the rows that are not part of a pair.
+   */
+  round?: number;
 }
 
 export interface EndToEndFigures {
@@ -125,8 +130,46 @@ export function durableCeilingFor(port: PortKind): string {
   return port === 'submission' ? 'ceiling-durable-tls' : 'ceiling-durable-plain';
 }
 
+/** The scenario of the first round (the only one below concurrency 50). */
 function find(results: BenchResults, server: string, port: PortKind, mode: 'new' | 'reuse', c: number): ScenarioFigures | undefined {
-  return results.scenarios.find((s) => s.server === server && s.port === port && s.mode === mode && s.concurrency === c);
+  return results.scenarios.find((s) => s.server === server && s.port === port && s.mode === mode && s.concurrency === c && (s.round ?? 1) === 1);
+}
+
+/** One round of a concurrency-50 pair: the ceiling, Postern right after it, then the durable ceiling. */
+export interface PairRound {
+  round: number;
+  ceiling: ScenarioFigures;
+  postern: ScenarioFigures;
+  durable: ScenarioFigures | undefined;
+  ratio: number;
+}
+
+/** Every round of the concurrency-50 pair for a port and mode, in order. */
+export function pairRounds(results: BenchResults, port: PortKind, mode: 'new' | 'reuse'): PairRound[] {
+  const at = (server: string, round: number) =>
+    results.scenarios.find((s) => s.server === server && s.port === port && s.mode === mode && s.concurrency === 50 && (s.round ?? 1) === round);
+  const rounds: PairRound[] = [];
+  for (const round of [...new Set(results.scenarios.map((s) => s.round ?? 1))].sort((a, b) => a - b)) {
+    const ceiling = at(ceilingFor(port), round);
+    const postern = at('postern', round);
+    if (!ceiling || !postern) continue;
+    const ratio = ceiling.messagesPerSecond > 0 ? postern.messagesPerSecond / ceiling.messagesPerSecond : 0;
+    rounds.push({ round, ceiling, postern, durable: at(durableCeilingFor(port), round), ratio });
+  }
+  return rounds;
+}
+
+/** The median (the lower middle one for an even count, so a tie never rounds a target up). */
+export function median(values: number[]): number {
+  if (values.length === 0) return 0;
+  const sorted = [...values].sort((a, b) => a - b);
+  return sorted[Math.floor((sorted.length - 1) / 2)]!;
+}
+
+/** The median round: the one whose ratio is the median (its rates are the ones printed). */
+function medianRound(rounds: PairRound[]): PairRound | undefined {
+  const m = median(rounds.map((r) => r.ratio));
+  return rounds.find((r) => r.ratio === m);
 }
 
 /** The issue's targets, judged on this run. */
@@ -143,25 +186,27 @@ export function judgeTargets(results: BenchResults): TargetResult[] {
   }
   for (const port of ['submission', 'relay'] as const) {
     for (const mode of ['new', 'reuse'] as const) {
-      const p = find(results, 'postern', port, mode, 50);
-      const c = find(results, ceilingFor(port), port, mode, 50);
-      if (!p || !c) continue;
-      const ratio = c.messagesPerSecond > 0 ? p.messagesPerSecond / c.messagesPerSecond : 0;
+      const rounds = pairRounds(results, port, mode);
+      const m = medianRound(rounds);
+      if (!m) continue;
+      const each = rounds.length > 1 ? ` (median of ${rounds.length} rounds: ${rounds.map((r) => pct(r.ratio)).join(', ')})` : '';
       targets.push({
         name: `accept ${label(port, mode)} c=50 vs ${ceilingFor(port)}`,
-        value: `${p.messagesPerSecond.toFixed(0)}/${c.messagesPerSecond.toFixed(0)} = ${pct(ratio)}`,
+        value: `${m.postern.messagesPerSecond.toFixed(0)}/${m.ceiling.messagesPerSecond.toFixed(0)} = ${pct(m.ratio)}${each}`,
         target: '>= 70%',
-        pass: ratio >= 0.7,
+        pass: m.ratio >= 0.7,
       });
     }
   }
   const e2e = results.endToEnd;
-  const ceiling = find(results, 'ceiling-tls', 'submission', 'reuse', 50);
-  if (e2e && ceiling) {
-    const ratio = ceiling.messagesPerSecond > 0 ? e2e.messagesPerSecond / ceiling.messagesPerSecond : 0;
+  // The ceiling's median rate over the rounds: one end-to-end run against the typical ceiling.
+  const ceilingRates = pairRounds(results, 'submission', 'reuse').map((r) => r.ceiling.messagesPerSecond);
+  if (e2e && ceilingRates.length) {
+    const ceiling = median(ceilingRates);
+    const ratio = ceiling > 0 ? e2e.messagesPerSecond / ceiling : 0;
     targets.push({
-      name: 'end-to-end (587 reuse c=50 -> sink) vs ceiling-tls reuse c=50',
-      value: `${e2e.messagesPerSecond.toFixed(0)}/${ceiling.messagesPerSecond.toFixed(0)} = ${pct(ratio)}`,
+      name: `end-to-end (587 reuse c=50 -> sink) vs ceiling-tls reuse c=50${ceilingRates.length > 1 ? ' (its median)' : ''}`,
+      value: `${e2e.messagesPerSecond.toFixed(0)}/${ceiling.toFixed(0)} = ${pct(ratio)}`,
       target: '>= 50%',
       pass: ratio >= 0.5,
     });
@@ -245,7 +290,9 @@ export function formatReport(results: BenchResults, jsonFile: string): string {
         const ceil = find(results, ceilingFor(port), port, mode, c);
         if (!p && !ceil) continue;
         const ratio = p && ceil && ceil.messagesPerSecond > 0 ? p.messagesPerSecond / ceil.messagesPerSecond : null;
-        const judged = c === 50 && ratio !== null;
+        // Judged on the median round (the same as the targets), which is this one with one round.
+        const judgedRatio = c === 50 && ratio !== null ? (medianRound(pairRounds(results, port, mode))?.ratio ?? ratio) : null;
+        const judged = judgedRatio !== null;
         rows.push([
           label(port, mode),
           String(c),
@@ -259,7 +306,7 @@ export function formatReport(results: BenchResults, jsonFile: string): string {
           ceil ? cpuNoSink(ceil) : '-',
           ratio === null ? '-' : pct(ratio),
           judged ? '>=70%' : '',
-          judged ? (ratio! >= 0.7 ? 'PASS' : 'FAIL') : '',
+          judged ? `${judgedRatio === ratio ? '' : `median ${pct(judgedRatio!)} `}${judgedRatio! >= 0.7 ? 'PASS' : 'FAIL'}` : '',
         ]);
       }
     }
@@ -273,6 +320,35 @@ export function formatReport(results: BenchResults, jsonFile: string): string {
       'values mean outside interference).',
       '',
       table(header, rows),
+    );
+  }
+
+  const roundRows: string[][] = [];
+  for (const port of ['submission', 'relay'] as const) {
+    for (const mode of ['new', 'reuse'] as const) {
+      const rounds = pairRounds(results, port, mode);
+      if (rounds.length < 2) continue;
+      for (const r of rounds) {
+        roundRows.push([
+          label(port, mode),
+          String(r.round),
+          num(r.ceiling.cpuCheckMs, 0),
+          num(r.ceiling.messagesPerSecond, 0),
+          num(r.postern.messagesPerSecond, 0),
+          pct(r.ratio),
+          num(r.durable?.messagesPerSecond, 0),
+          rateRatio(r.postern, r.durable),
+        ]);
+      }
+      roundRows.push([label(port, mode), 'median', '', '', '', pct(median(rounds.map((r) => r.ratio))), '', '']);
+    }
+  }
+  if (roundRows.length) {
+    out.push(
+      '',
+      'Concurrency 50, round by round: the ceiling, Postern right after it, then the durable ceiling. The targets',
+      'take the median of the rounds\' ratios (the lower middle one for an even count):',
+      table(['port, mode', 'round', 'CPU check ms', 'ceiling/s', 'Postern/s', 'ratio', 'durable/s', 'Postern/durable'], roundRows),
     );
   }
 
@@ -298,7 +374,7 @@ export function formatReport(results: BenchResults, jsonFile: string): string {
     );
   }
 
-  const durable = results.scenarios.filter((s) => s.server === durableCeilingFor(s.port));
+  const durable = results.scenarios.filter((s) => s.server === durableCeilingFor(s.port) && (s.round ?? 1) === 1);
   if (durable.length) {
     out.push(
       '',

@@ -77,6 +77,12 @@ const settings = {
   /** BENCH_DELIVERY_PRIORITY=normal: `[delivery] thread_priority = "normal"`; else the default ("low", nice 10). */
   deliveryPriority: envChoice('BENCH_DELIVERY_PRIORITY', ['low', 'normal']),
   only: envChoice('BENCH_ONLY', ['all', 'memory', 'throughput', 'quick', 'intake', 'upstream']),
+  /**
+   * BENCH_ROUNDS: how many times each concurrency-50 pair (ceiling, then Postern, then the durable
+   * ceiling) runs; the targets take the median of the rounds' ratios. Default 3, 1 with
+   * BENCH_ONLY=quick.
+   */
+  rounds: Math.round(envNumber('BENCH_ROUNDS', process.env.BENCH_ONLY === 'quick' ? 1 : 3)),
   messageSize: MESSAGE_SIZE,
   concurrency: CONCURRENCY,
 };
@@ -209,31 +215,41 @@ async function main(): Promise<void> {
       }
 
       if (settings.only !== 'memory') {
-        for (const port of intakeOnly ? [] : (['submission', 'relay'] as const)) {
-          for (const mode of ['new', 'reuse'] as const) {
-            for (const c of quick ? [50] : CONCURRENCY) {
-              const ceiling = port === 'submission' ? ceilingTls : ceilingPlain;
-              const check = cpuCheckMs();
-              results.cpuChecksMs.push(check);
-              say(`${label(port, mode)} c=${c}: ${ceiling.role} (CPU check ${check.toFixed(0)} ms)`);
-              const ceilingFigures = await bench.scenario(ceiling.role, ceiling.pid, ceiling.port, port, mode, c);
-              results.scenarios.push({ ...ceilingFigures, cpuCheckMs: check });
-              say(`${label(port, mode)} c=${c}: postern`);
-              const figures = await bench.scenario('postern', postern.pid, portOf[port], port, mode, c);
-              figures.drainSeconds = (await bench.drain()).seconds;
-              figures.cpuCheckMs = check;
-              results.scenarios.push(figures);
-              say(`  ceiling ${results.scenarios.at(-2)!.messagesPerSecond.toFixed(0)}/s, postern ${figures.messagesPerSecond.toFixed(0)}/s, drained in ${figures.drainSeconds.toFixed(1)} s`);
-              if (c === 50) {
-                // The durable ceiling right after, on the same machine state: what keeping each
-                // message costs a bare server, so Postern's own overhead can be told apart.
-                const durable = port === 'submission' ? durableTls : durablePlain;
-                say(`${label(port, mode)} c=${c}: ${durable.role}`);
-                const durableFigures = await bench.scenario(durable.role, durable.pid, durable.port, port, mode, c);
-                results.scenarios.push({ ...durableFigures, cpuCheckMs: check });
-                say(`  durable ceiling ${durableFigures.messagesPerSecond.toFixed(0)}/s`);
-              }
+        // Round 1 runs every concurrency; later rounds repeat the concurrency-50 pairs, which the
+        // targets judge. On a shared machine one pair can land on a slow or a fast moment (the same
+        // build read 62% and 89% on the device path within the hour): the median of alternating
+        // rounds is the figure to judge, and every round is printed.
+        const pairs: { round: number; port: PortKind; mode: 'new' | 'reuse'; c: number }[] = [];
+        for (let round = 1; round <= (intakeOnly ? 0 : settings.rounds); round++) {
+          for (const port of ['submission', 'relay'] as const) {
+            for (const mode of ['new', 'reuse'] as const) {
+              for (const c of quick || round > 1 ? [50] : CONCURRENCY) pairs.push({ round, port, mode, c });
             }
+          }
+        }
+        for (const { round, port, mode, c } of pairs) {
+          const ceiling = port === 'submission' ? ceilingTls : ceilingPlain;
+          const check = cpuCheckMs();
+          results.cpuChecksMs.push(check);
+          const name = `${label(port, mode)} c=${c}${settings.rounds > 1 && c === 50 ? `, round ${round} of ${settings.rounds}` : ''}`;
+          say(`${name}: ${ceiling.role} (CPU check ${check.toFixed(0)} ms)`);
+          const ceilingFigures = await bench.scenario(ceiling.role, ceiling.pid, ceiling.port, port, mode, c);
+          results.scenarios.push({ ...ceilingFigures, cpuCheckMs: check, round });
+          say(`${name}: postern`);
+          const figures = await bench.scenario('postern', postern.pid, portOf[port], port, mode, c);
+          figures.drainSeconds = (await bench.drain()).seconds;
+          figures.cpuCheckMs = check;
+          figures.round = round;
+          results.scenarios.push(figures);
+          say(`  ceiling ${ceilingFigures.messagesPerSecond.toFixed(0)}/s, postern ${figures.messagesPerSecond.toFixed(0)}/s, drained in ${figures.drainSeconds.toFixed(1)} s`);
+          if (c === 50) {
+            // The durable ceiling right after, on the same machine state: what keeping each
+            // message costs a bare server, so Postern's own overhead can be told apart.
+            const durable = port === 'submission' ? durableTls : durablePlain;
+            say(`${name}: ${durable.role}`);
+            const durableFigures = await bench.scenario(durable.role, durable.pid, durable.port, port, mode, c);
+            results.scenarios.push({ ...durableFigures, cpuCheckMs: check, round });
+            say(`  durable ceiling ${durableFigures.messagesPerSecond.toFixed(0)}/s`);
           }
         }
         // Diagnostic: the same c=50 loads with delivery held back (the sink paused, so Postern's
