@@ -411,6 +411,29 @@ for (const backend of BACKENDS) {
       await store.close();
     });
 
+    it('counts what a sender queued since a time: messages, recipients, the oldest (the rate limits\' question)', async () => {
+      const store = await backend.open(tempDir());
+      const t0 = 1_700_000_000_000;
+      const origin = (account: string | undefined, clientIp: string) => ({
+        sessionId: 's',
+        listener: account ? 'submission' : 'relay',
+        clientIp,
+        ...(account ? { account } : {}),
+      });
+      const one = [{ address: 'a@example.net' }];
+      const three = [{ address: 'a@example.net' }, { address: 'b@example.net' }, { address: 'c@example.org' }];
+      await put(store, 'x\r\n', { receivedAt: t0, recipients: three, origin: origin('app@example.com', '10.0.0.1') });
+      await put(store, 'x\r\n', { receivedAt: t0 + 1000, recipients: one, origin: origin('app@example.com', '10.0.0.1') });
+      await put(store, 'x\r\n', { receivedAt: t0 + 2000, recipients: three, origin: origin('other@example.com', '10.0.0.1') });
+      await put(store, 'x\r\n', { receivedAt: t0 + 3000, recipients: one, origin: origin(undefined, '10.0.0.2') });
+      expect(await store.usageSince({ account: 'APP@example.com' }, t0)).toEqual({ messages: 2, recipients: 4, oldestAt: t0 });
+      expect(await store.usageSince({ account: 'app@example.com' }, t0 + 1)).toEqual({ messages: 1, recipients: 1, oldestAt: t0 + 1000 });
+      expect(await store.usageSince({ clientIp: '10.0.0.1' }, t0)).toEqual({ messages: 3, recipients: 7, oldestAt: t0 });
+      expect(await store.usageSince({ clientIp: '10.0.0.2' }, t0)).toEqual({ messages: 1, recipients: 1, oldestAt: t0 + 3000 });
+      expect(await store.usageSince({ account: 'nobody@example.com' }, 0)).toEqual({ messages: 0, recipients: 0, oldestAt: null });
+      await store.close();
+    });
+
     it('answers getAccount for a missing account with undefined', async () => {
       const store = await backend.open(tempDir());
       expect(await store.getAccount('nobody@example.com')).toBeUndefined();
@@ -538,6 +561,48 @@ describe('store: sqlite file that is not a database', () => {
     fs.writeFileSync(file, garbage);
     await expect(openStore(dir)).rejects.toThrow(`cannot open the store ${file}: file is not a database`);
     expect(fs.readFileSync(file).equals(garbage)).toBe(true);
+  });
+});
+
+describe('store: sqlite usage counts (migration 0004)', () => {
+  it('answers the rate limits from an index alone, not the messages or recipients tables', async () => {
+    const dir = tempDir();
+    const store = await openStore(dir);
+    await store.close();
+    const db = new BetterSqlite3(path.join(dir, 'postern.db'));
+    try {
+      const plan = (where: string) =>
+        db
+          .prepare(`EXPLAIN QUERY PLAN SELECT count(*), sum(recipient_count), min(received_at) FROM messages WHERE ${where} AND received_at >= 0`)
+          .all()
+          .map((r) => (r as { detail: string }).detail)
+          .join('; ');
+      expect(plan("account = 'a@example.com'")).toMatch(/USING COVERING INDEX messages_account_time/);
+      expect(plan("client_ip = '10.0.0.1'")).toMatch(/USING COVERING INDEX messages_ip_time/);
+    } finally {
+      db.close();
+    }
+  });
+
+  it('counts the recipients of messages queued before the migration', async () => {
+    const dir = tempDir();
+    let store = await openStore(dir);
+    const t0 = Date.now();
+    const recipients = [{ address: 'a@example.net' }, { address: 'b@example.net' }];
+    await put(store, 'x\r\n', { receivedAt: t0, recipients });
+    await put(store, 'x\r\n', { receivedAt: t0 + 1, recipients: recipients.slice(0, 1) });
+    await store.close();
+    // Back to the schema of 0003: no recipient count, the old indexes, 0004 not applied yet.
+    const db = new BetterSqlite3(path.join(dir, 'postern.db'));
+    db.exec(`DROP INDEX messages_account_time; DROP INDEX messages_ip_time;
+      ALTER TABLE messages DROP COLUMN recipient_count;
+      CREATE INDEX messages_account_time ON messages (account, received_at);
+      CREATE INDEX messages_ip_time ON messages (client_ip, received_at);
+      DELETE FROM kysely_migration WHERE name = '0004_usage_from_indexes';`);
+    db.close();
+    store = await openStore(dir);
+    expect(await store.usageSince({ account: 'dev@example.com' }, 0)).toEqual({ messages: 2, recipients: 3, oldestAt: t0 });
+    await store.close();
   });
 });
 

@@ -206,7 +206,11 @@ export interface SecurityStore {
   /** Remembers that an account logged in from a network; true when it is the first time. */
   noteAccountNetwork(account: string, network: string, now: number): Promise<boolean>;
   listAccountNetworks(account: string): Promise<{ network: string; firstSeen: number }[]>;
-  /** Messages and recipients queued since `since` by an account, or from a client address. */
+  /**
+   * Messages and recipients queued since `since` by an account, or from a client address. Asked
+   * once a minute per active sender on the thread that serves the SMTP sessions, over up to a
+   * day of that sender's mail: a backend answers it from an index, not by reading the messages.
+   */
   usageSince(who: { account: string } | { clientIp: string }, since: number): Promise<Usage>;
   /** A rate-limiter-flexible limiter whose counters live in the store. */
   counter(options: CounterOptions): RateLimiterAbstract;

@@ -29,6 +29,8 @@ export interface MessagesTable {
   dsn_ret: string | null;
   /** 1 while any recipient is not final; lets `queue list` skip finished messages cheaply. */
   active: number;
+  /** How many recipients the message was queued for: the rate limits' count, read from an index. */
+  recipient_count: number;
 }
 
 export interface RecipientsTable {
@@ -185,6 +187,20 @@ const migrations: Record<string, Migration> = {
         .addColumn('queue_id', 'text', (c) => c.primaryKey().references('messages.queue_id').onDelete('cascade'))
         .addColumn('data', 'blob', (c) => c.notNull())
         .execute();
+    },
+  },
+  '0004_usage_from_indexes': {
+    async up(db: Kysely<any>) {
+      // The rate limits re-read each sender's last 24 hours every minute (policy/rate-limits.ts).
+      // Counting recipients joined each message to its recipients rows: 15 ms per sender at
+      // 10,000 messages a day, 159 ms at 100,000, on the thread that serves every SMTP session.
+      // With the count on the message and in the index, the question is one range of one index.
+      await db.schema.alterTable('messages').addColumn('recipient_count', 'integer', (c) => c.notNull().defaultTo(0)).execute();
+      await sql`UPDATE messages SET recipient_count = (SELECT count(*) FROM recipients r WHERE r.queue_id = messages.queue_id)`.execute(db);
+      await db.schema.dropIndex('messages_account_time').execute();
+      await db.schema.dropIndex('messages_ip_time').execute();
+      await db.schema.createIndex('messages_account_time').on('messages').columns(['account', 'received_at', 'recipient_count']).execute();
+      await db.schema.createIndex('messages_ip_time').on('messages').columns(['client_ip', 'received_at', 'recipient_count']).execute();
     },
   },
 };

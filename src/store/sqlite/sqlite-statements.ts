@@ -34,9 +34,9 @@ export function prepareStatements(db: BetterSqlite3.Database) {
     // ---- enqueue
     insertMessage: db.prepare<[MessagesTable]>(
       `INSERT INTO messages (queue_id, sender, size, received_at, expires_at, session_id, listener, client_ip,
-         account, helo_name, message_id_header, dsn_envid, dsn_ret, active)
+         account, helo_name, message_id_header, dsn_envid, dsn_ret, active, recipient_count)
        VALUES (@queue_id, @sender, @size, @received_at, @expires_at, @session_id, @listener, @client_ip,
-         @account, @helo_name, @message_id_header, @dsn_envid, @dsn_ret, @active)`,
+         @account, @helo_name, @message_id_header, @dsn_envid, @dsn_ret, @active, @recipient_count)`,
     ),
     insertRecipient: db.prepare<[RecipientsTable]>(
       `INSERT INTO recipients (queue_id, idx, address, domain, state, attempts, next_attempt_at, last_code,

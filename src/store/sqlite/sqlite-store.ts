@@ -603,16 +603,17 @@ export class SqliteStore implements Store {
   }
 
   async usageSince(who: { account: string } | { clientIp: string }, since: number): Promise<Usage> {
+    // One range of messages_account_time or messages_ip_time, which hold the recipient count too
+    // (migration 0004): the table and the recipients are not read.
     let q = this.#db
-      .selectFrom('messages as m')
-      .leftJoin('recipients as r', 'r.queue_id', 'm.queue_id')
+      .selectFrom('messages')
       .select((eb) => [
-        eb.fn.count<number>('m.queue_id').distinct().as('messages'),
-        eb.fn.count<number>('r.idx').as('recipients'),
-        eb.fn.min<number>('m.received_at').as('oldest'),
+        eb.fn.countAll<number>().as('messages'),
+        eb.fn.sum<number>('recipient_count').as('recipients'),
+        eb.fn.min<number>('received_at').as('oldest'),
       ])
-      .where('m.received_at', '>=', since);
-    q = 'account' in who ? q.where('m.account', '=', who.account.toLowerCase()) : q.where('m.client_ip', '=', who.clientIp);
+      .where('received_at', '>=', since);
+    q = 'account' in who ? q.where('account', '=', who.account.toLowerCase()) : q.where('client_ip', '=', who.clientIp);
     const row = await q.executeTakeFirst();
     return {
       messages: Number(row?.messages ?? 0),
@@ -690,6 +691,7 @@ function insertMessage(sql: SqliteStatements, message: NewMessage): void {
     dsn_envid: message.dsnEnvid ?? null,
     dsn_ret: message.dsnRet ?? null,
     active: 1,
+    recipient_count: message.recipients.length,
   });
   message.recipients.forEach((r, idx) => {
     sql.insertRecipient.run({
