@@ -82,7 +82,7 @@ const settings = {
    * ceiling) runs; the targets take the median of the rounds' ratios. Default 3, 1 with
    * BENCH_ONLY=quick.
    */
-  rounds: Math.round(envNumber('BENCH_ROUNDS', process.env.BENCH_ONLY === 'quick' ? 1 : 3)),
+  rounds: Math.max(1, Math.round(envNumber('BENCH_ROUNDS', process.env.BENCH_ONLY === 'quick' ? 1 : 3))),
   messageSize: MESSAGE_SIZE,
   concurrency: CONCURRENCY,
 };
