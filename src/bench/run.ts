@@ -13,7 +13,8 @@
 //
 // Each scenario runs the ceiling first and Postern right after, so both see the same machine
 // state; after each Postern scenario the bench waits until the sink has every message, so the
-// next scenario does not compete with the previous one's deliveries.
+// next scenario does not compete with the previous one's deliveries. The concurrency-50 pairs run
+// BENCH_ROUNDS times (default 3) and the targets take the median ratio (bench-report.ts).
 //
 // Environment: BENCH_SECONDS (window, default 5), BENCH_WARMUP_SECONDS (1), BENCH_E2E_SECONDS (8),
 // BENCH_LOAD_PROCS (load worker processes per scenario, default 1), BENCH_CPU_PROF=1 (Postern
