@@ -136,7 +136,7 @@ function find(results: BenchResults, server: string, port: PortKind, mode: 'new'
 }
 
 /** One round of a concurrency-50 pair: the ceiling, Postern right after it, then the durable ceiling. */
-export interface PairRound {
+interface PairRound {
   round: number;
   ceiling: ScenarioFigures;
   postern: ScenarioFigures;
@@ -145,7 +145,7 @@ export interface PairRound {
 }
 
 /** Every round of the concurrency-50 pair for a port and mode, in order. */
-export function pairRounds(results: BenchResults, port: PortKind, mode: 'new' | 'reuse'): PairRound[] {
+function pairRounds(results: BenchResults, port: PortKind, mode: 'new' | 'reuse'): PairRound[] {
   const at = (server: string, round: number) =>
     results.scenarios.find((s) => s.server === server && s.port === port && s.mode === mode && s.concurrency === 50 && (s.round ?? 1) === round);
   const rounds: PairRound[] = [];
@@ -160,7 +160,7 @@ export function pairRounds(results: BenchResults, port: PortKind, mode: 'new' | 
 }
 
 /** The median (the lower middle one for an even count, so a tie never rounds a target up). */
-export function median(values: number[]): number {
+function median(values: number[]): number {
   if (values.length === 0) return 0;
   const sorted = [...values].sort((a, b) => a - b);
   return sorted[Math.floor((sorted.length - 1) / 2)]!;
