@@ -726,10 +726,10 @@ type BatchTransaction<T, R> = (items: T[]) => ItemResult<R>[];
  * run again with a savepoint per item, so that the failing item is refused alone and the rest
  * commit. Why not the savepoints every time: they cost about a third of an enqueue's SQL (a batch
  * of 20 inline 4 KiB messages in one process: 65 against 47 us per message with better-sqlite3
- * alone, 113 against 97 us through the whole store), and an item fails
- * almost never (a duplicate queue id, a constraint a bug broke). A busy lock fails the first BEGIN
- * and is thrown as it is, for #hot to retry; so is a failure of the second run as a whole (COMMIT on
- * a full disk, say), which the group commit hands to every item.
+ * alone, 113 against 97 us through the whole store), and an item fails almost never (a duplicate
+ * queue id, a constraint a bug broke). A busy lock fails the first BEGIN and is thrown as it is,
+ * for #hot to retry; so is a failure of the second run as a whole (COMMIT on a full disk, say),
+ * which the group commit hands to every item.
  */
 function batchTransaction<T, R>(db: BetterSqlite3.Database, one: (item: T) => R): BatchTransaction<T, R> {
   const together = db.transaction((items: T[]) => items.map((item): ItemResult<R> => ({ ok: true, value: one(item) })));
