@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 // Before anything is loaded: keep V8's young generation at its initial size (the server lets it
-// grow to a cap later; see src/cli/young-generation.ts for why and how much).
+// grow to a cap later; see src/runtime/young-generation.ts for why and how much).
 import v8 from 'node:v8';
 v8.setFlagsFromString('--semi-space-growth-factor=1');
 // The compiled CLI lives in dist/ (built by `npm install` via the prepare script, and by `npm start`).

@@ -1,4 +1,4 @@
-// The server's young generation cap (src/cli/young-generation.ts, used by `postern serve`): the
+// The server's young generation cap (src/runtime/young-generation.ts, used by `postern serve`): the
 // young generation grows under load up to the cap, both semi-spaces counted, and no further. Run
 // in a fresh process started as bin/postern.js starts it (growth stopped until the cap is set),
 // with a load that keeps objects alive across scavenges (what makes V8 grow the space).
@@ -12,7 +12,7 @@ function newSpaceAfterLoad(capBytes: number): number {
     const v8 = require('node:v8');
     const { pathToFileURL } = require('node:url');
     (async () => {
-      const { capYoungGeneration } = await import(pathToFileURL(${JSON.stringify(`${process.cwd()}/dist/cli/young-generation.js`)}).href);
+      const { capYoungGeneration } = await import(pathToFileURL(${JSON.stringify(`${process.cwd()}/dist/runtime/young-generation.js`)}).href);
       capYoungGeneration(${capBytes});
       let keep = [];
       for (let round = 0; round < 400; round++) {

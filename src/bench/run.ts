@@ -485,7 +485,7 @@ class Bench {
   /** RSS before and with IDLE_CONNECTIONS greeted, silent TCP connections. */
   async idle(server: string, phase: string, pid: number, port: number): Promise<IdleFigures> {
     // An idle server: Postern gives a burst's memory back once it has been quiet for a whole
-    // second of its 1 s sampling (src/cli/memory-relief.ts), so at most 2 s after the load.
+    // second of its 1 s sampling (src/runtime/memory-relief.ts), so at most 2 s after the load.
     await sleep(3000);
     const before = readMemory(pid)?.rss ?? 0;
     // Sampled from the first connection until 2 s after the last greeting: a garbage collection

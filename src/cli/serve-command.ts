@@ -7,9 +7,9 @@ import { expiresSoon } from '../intake/tls-material.js';
 import { createLogger } from '../observe/logger.js';
 import { type Postern, startPostern } from '../postern.js';
 import { deliversInThread } from '../queue/delivery-thread.js';
+import { MemoryRelief } from '../runtime/memory-relief.js';
+import { capYoungGeneration } from '../runtime/young-generation.js';
 import { configFor } from './cli-context.js';
-import { MemoryRelief } from './memory-relief.js';
-import { capYoungGeneration } from './young-generation.js';
 
 /**
  * Young generation cap for the server (both semi-spaces, 2 MB each): see young-generation.ts.
@@ -34,7 +34,8 @@ export function registerServeCommand(program: Command): void {
       });
       const postern = await startPostern(config, logger, { deliveryThread: deliversInThread(config.delivery.thread) });
       capYoungGeneration(YOUNG_GENERATION_BYTES);
-      const relief = new MemoryRelief({ logger });
+      // With delivery in a thread of its own, that thread relieves its own store connection.
+      const relief = new MemoryRelief({ logger, releaseCaches: () => postern.store.releaseMemory?.() });
       relief.start();
       process.on('SIGHUP', () => postern.reloadTls());
       process.stderr.write(await summary(postern));

@@ -102,7 +102,7 @@ export class DeliveryThread {
     const worker = new Worker(WORKER_SCRIPT, {
       workerData: { config: this.#config, logLevel: this.#logger.level } satisfies WorkerData,
       // The worker is an isolate of its own, with its own young generation; left to grow, it adds
-      // 30 MB or more of resident memory (see src/cli/young-generation.ts for the main thread's).
+      // 30 MB or more of resident memory (see src/runtime/young-generation.ts for the main thread's).
       resourceLimits: { maxYoungGenerationSizeMb: WORKER_YOUNG_GENERATION_MB },
     });
     this.#worker = worker;

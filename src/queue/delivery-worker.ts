@@ -2,10 +2,10 @@
 // own connection to the store, the queue runner, and a logger whose lines go to the main thread,
 // which writes them with its own (one stream, whole lines, never interleaved).
 import { parentPort, workerData } from 'node:worker_threads';
-import { MemoryRelief } from '../cli/memory-relief.js';
 import { type Config, ConfigError } from '../config/load-config.js';
 import { createLogger } from '../observe/logger.js';
 import { SecurityEvents } from '../policy/security-events.js';
+import { MemoryRelief } from '../runtime/memory-relief.js';
 import { openStore } from '../store/open-store.js';
 import type { Store } from '../store/store.js';
 import { lowerThisThreadsPriority, type ToWorker, type WorkerData } from './delivery-thread.js';
@@ -49,7 +49,7 @@ let runner: QueueRunner | undefined;
 let housekeeping: NodeJS.Timeout | undefined;
 // This thread's isolate has its own dead buffers after a burst: the main thread's relief
 // collects only its own heap (malloc_trim, process-wide, is harmless twice).
-const relief = new MemoryRelief({ logger });
+const relief = new MemoryRelief({ logger, releaseCaches: () => store?.releaseMemory?.() });
 
 async function start(): Promise<void> {
   if ((config as Config).delivery.thread_priority === 'low') {

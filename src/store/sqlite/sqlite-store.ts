@@ -645,6 +645,19 @@ export class SqliteStore implements Store {
     this.#sqlite.pragma('wal_checkpoint(PASSIVE)');
   }
 
+  /**
+   * `shrink_memory` frees every page of the connection's cache that no statement holds. Measured
+   * on 2026-11-29: 30,000 messages queued and delivered through one store, 96 MB resident after a
+   * full collection and malloc_trim, 77 MB with this first; `postern serve` with delivery in the
+   * main thread (one connection), after the bench's load, glibc's heap 8.5 MB against 25.2. With
+   * the delivery thread the two connections empty each other's caches at nearly every commit (a
+   * WAL change by another connection resets a cache), so there it gives back little.
+   */
+  releaseMemory(): void {
+    this.#sqlite.pragma('shrink_memory');
+    this.#counters.pragma('shrink_memory');
+  }
+
   async close(): Promise<void> {
     // Let scheduled group commits finish: their callers are waiting (to send 250, for one).
     await this.#enqueues.drain();
