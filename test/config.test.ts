@@ -102,6 +102,11 @@ describe('configuration', () => {
     expect(problems('[queue]\nlifetime = "5 days"\n')[0]).toMatch(/^queue\.lifetime: expected a duration/);
     expect(problems('[queue]\nretention = "7d"\n')).toEqual(['queue.retention: must be at least "8d": the volume alerts compare the last day of mail in the store with the 7 days before it']);
     expect(parseConfigText('[queue]\nretention = "8d"\n', '/etc/postern/postern.toml').queue.retention).toBe(8 * 86_400_000);
+    expect(problems('[policy]\nsecurity_events_retention = "12h"\n')).toEqual([
+      'policy.security_events_retention: must be at least "1d": `postern security events` is how a person finds out what happened yesterday',
+    ]);
+    expect(parseConfigText('[policy]\nsecurity_events_retention = "30d"\n', '/etc/postern/postern.toml').policy.security_events_retention).toBe(30 * 86_400_000);
+    expect(parseConfigText('', '/etc/postern/postern.toml').policy.security_events_retention).toBe(90 * 86_400_000);
   });
 
   it('names an unknown key in an upstream or a routing rule (the tables are strict too)', () => {

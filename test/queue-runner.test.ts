@@ -279,5 +279,23 @@ describe('QueueRunner', () => {
     await waitFor(() => env.logs.find((l) => l.event === 'purged' && l.what === 'security events'), 5000, 'a purge of events');
     expect((await store.listSecurityEvents()).map((e) => e.detail.message)).toEqual(['10 days ago']);
   });
+
+  test('keeps security events for [policy] security_events_retention when it is set', async () => {
+    const env = await environment(2, { policy: { security_events_retention: '30d' } });
+    const store = await openStore(env.dir);
+    const runner = new QueueRunner({ store, config: env.config, logger: env.logger, dnsTimeout: 300, purgeInterval: 100 });
+    cleanups.push(async () => {
+      await runner.stop(0);
+      await store.close();
+    });
+    // 40 days ago is past 30 days (and within the default 90): it goes; 20 days ago stays.
+    const event = (daysAgo: number) => ({ kind: 'relay_denied' as const, ip: '192.0.2.7', detail: { message: `${daysAgo} days ago` }, at: Date.now() - daysAgo * 86_400_000 });
+    await store.recordSecurityEvent(event(40));
+    await store.recordSecurityEvent(event(20));
+    await runner.start();
+    await waitFor(() => env.logs.find((l) => l.event === 'purged' && l.what === 'security events'), 5000, 'a purge of events');
+    expect(env.logs.find((l) => l.event === 'purged' && l.what === 'security events')).toMatchObject({ count: 1 });
+    expect((await store.listSecurityEvents()).map((e) => e.detail.message)).toEqual(['20 days ago']);
+  });
 });
 

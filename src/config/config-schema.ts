@@ -401,6 +401,13 @@ export const configSchema = z
         // false switches off rate limits, send-as, recipient rules and lockouts (benchmarks,
         // emergencies). AUTH, TLS and relay rules stay on whatever this says.
         enforce: z.boolean().default(true),
+        // How long security events (failed logins, lockouts, relaying refused...) are kept, for
+        // `postern security events`; then they are deleted (queue/retention.ts). 90 days, as
+        // Exchange Online keeps its audit log; they hold client addresses and usernames, which
+        // some operators must not keep that long. Nothing in the policy reads them back.
+        security_events_retention: duration
+          .refine((ms) => ms >= 86_400_000, 'must be at least "1d": `postern security events` is how a person finds out what happened yesterday')
+          .default(90 * 86_400_000),
       })
       .prefault({}),
     alerts: z

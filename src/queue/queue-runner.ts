@@ -47,7 +47,7 @@ import { retryDelay } from './retry-delay.js';
 export interface QueueRunnerOptions {
   /** The queue, and the security events' purge (retention.ts). */
   store: QueueStore & Pick<SecurityStore, 'purgeSecurityEvents'>;
-  config: Pick<Config, 'hostname' | 'delivery' | 'queue'> & RouterConfig;
+  config: Pick<Config, 'hostname' | 'delivery' | 'queue' | 'policy'> & RouterConfig;
   logger: Logger;
   /** How long an unused outbound connection is kept for reuse, in ms (default 5000). */
   connectionIdleTimeout?: number;
@@ -115,6 +115,7 @@ export class QueueRunner {
     this.#retention = new Retention({
       store: this.#store,
       retentionMs: options.config.queue.retention,
+      securityEventsRetentionMs: options.config.policy.security_events_retention,
       logger: this.#log,
       intervalMs: options.purgeInterval ?? 10 * 60_000,
       now: this.#now,

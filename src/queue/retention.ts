@@ -1,7 +1,8 @@
 // History kept, and no more. Finished messages (every recipient delivered or failed) stay in the
 // store for `[queue] retention` (30 days by default), for `queue show`, the daily sending limits
-// and volume alerts; security events (failed logins, relaying refused, lockouts...) for 90 days,
-// as Exchange Online keeps its audit log by default. Then they are deleted. Without this the store
+// and volume alerts; security events (failed logins, relaying refused, lockouts...) for
+// `[policy] security_events_retention` (90 days by default, as Exchange Online keeps its audit
+// log). Then they are deleted. Without this the store
 // would grow by every message ever sent and every failed login. Postal keeps messages 60
 // days by default; Postfix keeps nothing but its logs. Pending mail is never touched, however old:
 // its lifetime ends in a bounce first.
@@ -14,13 +15,12 @@ import type { QueueStore, SecurityStore } from '../store/store.js';
 /** Rows deleted per transaction. */
 const BATCH = 500;
 
-/** How long security events are kept. */
-const SECURITY_EVENTS_RETENTION_MS = 90 * 86_400_000;
-
 export interface RetentionOptions {
   store: Pick<QueueStore, 'purgeFinished'> & Pick<SecurityStore, 'purgeSecurityEvents'>;
   /** How long a finished message is kept after it was received, in ms. */
   retentionMs: number;
+  /** How long a security event is kept, in ms. */
+  securityEventsRetentionMs: number;
   logger: Logger;
   /** How often to look, in ms. */
   intervalMs: number;
@@ -53,10 +53,10 @@ export class Retention {
 
   /** Deletes what is past its retention. Never throws: logs instead. */
   async purge(): Promise<void> {
-    const { store, retentionMs, now } = this.#options;
+    const { store, retentionMs, securityEventsRetentionMs, now } = this.#options;
     const at = now();
     await this.#purgeAll('finished messages', at - retentionMs, (before) => store.purgeFinished(before, BATCH));
-    await this.#purgeAll('security events', at - SECURITY_EVENTS_RETENTION_MS, (before) => store.purgeSecurityEvents(before, BATCH));
+    await this.#purgeAll('security events', at - securityEventsRetentionMs, (before) => store.purgeSecurityEvents(before, BATCH));
   }
 
   async #purgeAll(what: string, before: number, purgeBatch: (before: number) => Promise<number>): Promise<void> {
