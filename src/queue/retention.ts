@@ -2,10 +2,9 @@
 // store for `[queue] retention` (30 days by default), for `queue show`, the daily sending limits
 // and volume alerts; security events (failed logins, relaying refused, lockouts...) for
 // `[policy] security_events_retention` (90 days by default, as Exchange Online keeps its audit
-// log). Then they are deleted. Without this the store
-// would grow by every message ever sent and every failed login. Postal keeps messages 60
-// days by default; Postfix keeps nothing but its logs. Pending mail is never touched, however old:
-// its lifetime ends in a bounce first.
+// log). Then they are deleted. Without this the store would grow by every message ever sent and
+// every failed login. Postal keeps messages 60 days by default; Postfix keeps nothing but its
+// logs. Pending mail is never touched, however old: its lifetime ends in a bounce first.
 //
 // The queue runner runs this every few minutes, in small transactions so the intake, which
 // shares the database, waits for no more than one of them.
