@@ -434,6 +434,22 @@ for (const backend of BACKENDS) {
       await store.close();
     });
 
+    it('keeps serving after releaseMemory, a group commit pending included (memory relief runs whenever the server is quiet)', async () => {
+      const store = await backend.open(tempDir());
+      const counter = store.counter({ keyPrefix: 'release', points: 5, duration: 60 });
+      await counter.consume('k');
+      const first = await put(store, 'first\r\n');
+      const second = put(store, 'second\r\n');
+      store.releaseMemory?.();
+      const secondId = await second;
+      store.releaseMemory?.();
+      expect(await readAll(store, first)).toBe('first\r\n');
+      expect(await readAll(store, secondId)).toBe('second\r\n');
+      expect((await store.claimDue(Date.now(), 10)).map((m) => m.queueId).sort()).toEqual([first, secondId].sort());
+      expect((await counter.consume('k')).remainingPoints).toBe(3);
+      await store.close();
+    });
+
     it('answers getAccount for a missing account with undefined', async () => {
       const store = await backend.open(tempDir());
       expect(await store.getAccount('nobody@example.com')).toBeUndefined();

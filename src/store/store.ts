@@ -230,13 +230,6 @@ export interface QueueStore {
    * write-ahead log when it has grown, since the intake's connection leaves that to this one).
    */
   housekeeping?(): Promise<void>;
-  /**
-   * Gives back the memory a backend keeps for speed under load, once the server is quiet (SQLite:
-   * each connection's page cache, up to 16 MB in better-sqlite3's build, which a burst fills and
-   * nothing empties). What is needed again comes back from the operating system's file cache.
-   * Synchronous and cheap: memory relief calls it after a burst (runtime/memory-relief.ts).
-   */
-  releaseMemory?(): void;
   /** A writer for a new message body. Nothing is queued until `enqueue`. */
   createBody(queueId: string): BodyWriter;
   readBody(queueId: string): Readable;
@@ -276,5 +269,12 @@ export interface QueueStore {
 
 export interface Store extends AccountStore, QueueStore, SecurityStore {
   readonly kind: 'sqlite' | 'postgres';
+  /**
+   * Gives back the memory a backend keeps for speed under load, once the server is quiet (SQLite:
+   * each connection's page cache, up to 16 MB in better-sqlite3's build, which a burst fills and
+   * nothing empties). What is needed again comes back from the operating system's file cache.
+   * Synchronous and cheap: memory relief calls it after a burst (runtime/memory-relief.ts).
+   */
+  releaseMemory?(): void;
   close(): Promise<void>;
 }
