@@ -411,6 +411,31 @@ for (const backend of BACKENDS) {
       await store.close();
     });
 
+    it('refuses a bad outcome of a group commit alone; the other messages\' outcomes are recorded', async () => {
+      const dir = tempDir();
+      let store = await backend.open(dir);
+      const ids = [await put(store, 'a\r\n'), await put(store, 'b\r\n'), await put(store, 'c\r\n')];
+      const now = Date.now();
+      expect((await store.claimDue(now, 10)).length).toBe(3);
+      // Submitted in one turn, so one group commit: the middle outcome breaks a NOT NULL (what a
+      // bug would do), which must not take the other two with it.
+      const broken = { ...delivered(0), state: null as unknown as 'delivered' };
+      const results = await Promise.allSettled(ids.map((id, i) => store.recordOutcomes(id, [i === 1 ? broken : delivered(0), delivered(1)], now)));
+      expect(results.map((r) => r.status)).toEqual(['fulfilled', 'rejected', 'fulfilled']);
+      const check = async () => {
+        // Two recipients each. The refused message is as it was before the attempt, both its
+        // recipients in flight, its body kept (its good outcome went with the bad one).
+        expect(await store.countRecipients()).toEqual({ queued: 0, in_flight: 2, deferred: 0, delivered: 4, failed: 0 });
+        expect((await store.listQueue()).map((q) => q.queueId)).toEqual([ids[1]]);
+        expect(await readAll(store, ids[1]!)).toBe('b\r\n');
+      };
+      await check();
+      await store.close();
+      store = await backend.open(dir);
+      await check();
+      await store.close();
+    });
+
     it('counts what a sender queued since a time: messages, recipients, the oldest (the rate limits\' question)', async () => {
       const store = await backend.open(tempDir());
       const t0 = 1_700_000_000_000;

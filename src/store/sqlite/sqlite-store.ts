@@ -724,7 +724,6 @@ function insertMessage(sql: SqliteStatements, message: NewMessage): void {
   });
 }
 
-/** Runs one item of a batch: its error is its own. */
 /** Another connection holds the lock: worth trying again. */
 function isBusy(err: unknown): boolean {
   const code = (err as { code?: unknown }).code;
@@ -758,6 +757,7 @@ function batchTransaction<T, R>(db: BetterSqlite3.Database, one: (item: T) => R)
   };
 }
 
+/** Runs one item of a batch: its error is its own. */
 function attempt<R>(fn: () => R): ItemResult<R> {
   try {
     return { ok: true, value: fn() };
