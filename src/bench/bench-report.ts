@@ -182,6 +182,30 @@ function medianRound(rounds: PairRound[]): PairRound | undefined {
   return rounds.find((r) => r.ratio === m);
 }
 
+/**
+ * A round-by-round table's rows for every port and mode with at least `minRounds` rounds (the
+ * paired rows, or with `suffix` WARM the warm ones): port and mode, round, the CPU check, then
+ * `cells`; then a median row, its ratio placed by `medianCells`.
+ */
+function roundByRound(
+  results: BenchResults,
+  suffix: string,
+  minRounds: number,
+  cells: (r: PairRound) => string[],
+  medianCells: (ratio: string) => string[],
+): string[][] {
+  const rows: string[][] = [];
+  for (const port of ['submission', 'relay'] as const) {
+    for (const mode of ['new', 'reuse'] as const) {
+      const rounds = pairRounds(results, port, mode, suffix);
+      if (rounds.length < minRounds) continue;
+      for (const r of rounds) rows.push([label(port, mode), String(r.round), num(r.ceiling.cpuCheckMs, 0), ...cells(r)]);
+      rows.push([label(port, mode), 'median', '', ...medianCells(pct(median(rounds.map((r) => r.ratio))))]);
+    }
+  }
+  return rows;
+}
+
 /** The issue's targets, judged on this run. */
 export function judgeTargets(results: BenchResults): TargetResult[] {
   const targets: TargetResult[] = [];
@@ -343,26 +367,13 @@ export function formatReport(results: BenchResults, jsonFile: string): string {
     );
   }
 
-  const roundRows: string[][] = [];
-  for (const port of ['submission', 'relay'] as const) {
-    for (const mode of ['new', 'reuse'] as const) {
-      const rounds = pairRounds(results, port, mode);
-      if (rounds.length < 2) continue;
-      for (const r of rounds) {
-        roundRows.push([
-          label(port, mode),
-          String(r.round),
-          num(r.ceiling.cpuCheckMs, 0),
-          num(r.ceiling.messagesPerSecond, 0),
-          num(r.postern.messagesPerSecond, 0),
-          pct(r.ratio),
-          num(r.durable?.messagesPerSecond, 0),
-          rateRatio(r.postern, r.durable),
-        ]);
-      }
-      roundRows.push([label(port, mode), 'median', '', '', '', pct(median(rounds.map((r) => r.ratio))), '', '']);
-    }
-  }
+  const roundRows = roundByRound(
+    results,
+    '',
+    2,
+    (r) => [num(r.ceiling.messagesPerSecond, 0), num(r.postern.messagesPerSecond, 0), pct(r.ratio), num(r.durable?.messagesPerSecond, 0), rateRatio(r.postern, r.durable)],
+    (m) => ['', '', m, '', ''],
+  );
   if (roundRows.length) {
     out.push(
       '',
@@ -372,25 +383,14 @@ export function formatReport(results: BenchResults, jsonFile: string): string {
     );
   }
 
-  const warmRows: string[][] = [];
-  for (const port of ['submission', 'relay'] as const) {
-    for (const mode of ['new', 'reuse'] as const) {
-      const rounds = pairRounds(results, port, mode, WARM);
-      for (const r of rounds) {
-        warmRows.push([
-          label(port, mode),
-          String(r.round),
-          num(r.ceiling.cpuCheckMs, 0),
-          num(r.ceiling.messagesPerSecond, 0),
-          `${r.ceiling.cpu.server.toFixed(2)}/${r.ceiling.cpu.client.toFixed(2)}`,
-          num(r.postern.messagesPerSecond, 0),
-          `${r.postern.cpu.server.toFixed(2)}/${r.postern.cpu.client.toFixed(2)}`,
-          pct(r.ratio),
-        ]);
-      }
-      if (rounds.length) warmRows.push([label(port, mode), 'median', '', '', '', '', '', pct(median(rounds.map((r) => r.ratio)))]);
-    }
-  }
+  const cores = (f: ScenarioFigures) => `${f.cpu.server.toFixed(2)}/${f.cpu.client.toFixed(2)}`;
+  const warmRows = roundByRound(
+    results,
+    WARM,
+    1,
+    (r) => [num(r.ceiling.messagesPerSecond, 0), cores(r.ceiling), num(r.postern.messagesPerSecond, 0), cores(r.postern), pct(r.ratio)],
+    (m) => ['', '', '', '', m],
+  );
   if (warmRows.length) {
     out.push(
       '',
