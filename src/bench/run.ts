@@ -35,7 +35,7 @@ import { performance } from 'node:perf_hooks';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { writeBenchCertificate } from './bench-certificate.js';
 import { type DiscardServer, runLoad, startDiscardServer } from './bench-children.js';
-import type { LoadResult, LoadScenario } from './bench-ipc.js';
+import type { LoadScenario } from './bench-ipc.js';
 import { BENCH_SENDER } from './bench-message.js';
 import {
   type BenchResults,
@@ -213,7 +213,7 @@ async function main(): Promise<void> {
 
       // Warm-up: JIT, the auth cache, SQLite pages, the delivery connections. Not measured.
       say('warm-up');
-      await bench.posternLoad('submission', 'reuse', 10, { warmupMs: 0, durationMs: 2000 });
+      await bench.load('postern', postern.ports.submission, 'submission', 'reuse', 10, 2);
       await bench.drain();
 
       const quick = settings.only === 'quick';
@@ -280,24 +280,24 @@ async function main(): Promise<void> {
         for (let round = 1; round <= (intakeOnly ? 0 : settings.warmRounds); round++) {
           const blocks = round % 2 === 1 ? (['postern', 'ceilings'] as const) : (['ceilings', 'postern'] as const);
           for (const block of blocks) {
-            const servers =
+            const servers: { role: string; pid: number; ports: [PortKind, number][] }[] =
               block === 'postern'
-                ? [{ role: 'postern', pid: postern.pid, ports: portOf, kinds: ['submission', 'relay'] as PortKind[] }]
+                ? [{ role: 'postern', pid: postern.pid, ports: [['submission', portOf.submission], ['relay', portOf.relay]] }]
                 : [
-                    { role: ceilingTls.role, pid: ceilingTls.pid, ports: { submission: ceilingTls.port, relay: 0 }, kinds: ['submission'] as PortKind[] },
-                    { role: ceilingPlain.role, pid: ceilingPlain.pid, ports: { submission: 0, relay: ceilingPlain.port }, kinds: ['relay'] as PortKind[] },
+                    { role: ceilingTls.role, pid: ceilingTls.pid, ports: [['submission', ceilingTls.port]] },
+                    { role: ceilingPlain.role, pid: ceilingPlain.pid, ports: [['relay', ceilingPlain.port]] },
                   ];
             for (const server of servers) {
-              const first = server.kinds[0]!;
-              say(`warm round ${round}: ${server.role}, ${settings.rewarmSeconds} s of ${label(first, 'new')} c=50 first (not measured)`);
-              await bench.load(server.role, server.ports[first], first, 'new', 50, settings.rewarmSeconds);
+              const [firstKind, firstPort] = server.ports[0]!;
+              say(`warm round ${round}: ${server.role}, ${settings.rewarmSeconds} s of ${label(firstKind, 'new')} c=50 first (not measured)`);
+              await bench.load(server.role, firstPort, firstKind, 'new', 50, settings.rewarmSeconds);
               if (block === 'postern') await bench.drain();
-              for (const port of server.kinds) {
+              for (const [kind, port] of server.ports) {
                 for (const mode of ['new', 'reuse'] as const) {
                   const check = cpuCheckMs();
                   results.cpuChecksMs.push(check);
-                  say(`warm round ${round}: ${label(port, mode)} c=50, ${server.role}`);
-                  const figures = await bench.scenario(`${server.role}${WARM}`, server.pid, server.ports[port], port, mode, 50, {
+                  say(`warm round ${round}: ${label(kind, mode)} c=50, ${server.role}`);
+                  const figures = await bench.scenario(`${server.role}${WARM}`, server.pid, port, kind, mode, 50, {
                     warmupMs: Math.max(settings.warmupSeconds, WARM_ROW_WARMUP_SECONDS) * 1000,
                   });
                   if (block === 'postern') figures.drainSeconds = (await bench.drain()).seconds;
@@ -358,7 +358,7 @@ async function main(): Promise<void> {
             const child = await PosternProcess.start(posternOptions(policyDir, enforcePolicy), ACCOUNT);
             children.push(child);
             const policyBench = new Bench(sink, child);
-            await policyBench.posternLoad('submission', 'reuse', 10, { warmupMs: 0, durationMs: 2000 });
+            await policyBench.load('postern', child.ports.submission, 'submission', 'reuse', 10, 2);
             await policyBench.drain();
             return { child, bench: policyBench, name };
           };
@@ -443,15 +443,7 @@ class Bench {
     };
   }
 
-  /** Unmeasured load on Postern (warm-up). */
-  async posternLoad(kind: PortKind, mode: 'new' | 'reuse', concurrency: number, overrides: Partial<LoadScenario>): Promise<LoadResult> {
-    const port = this.#postern.ports[kind];
-    const result = await runLoad(this.#scenario(port, kind, mode, concurrency, overrides), settings.loadProcs);
-    this.#posternAccepted += result.accepted;
-    return result;
-  }
-
-  /** Unmeasured load on any server for `seconds` (no warm-up window of its own). */
+  /** Unmeasured load (a warm-up) on any server for `seconds`; what Postern accepts is counted for drain(). */
   async load(server: string, port: number, kind: PortKind, mode: 'new' | 'reuse', concurrency: number, seconds: number): Promise<void> {
     const result = await runLoad(this.#scenario(port, kind, mode, concurrency, { warmupMs: 0, durationMs: seconds * 1000 }), settings.loadProcs);
     if (server.startsWith('postern')) this.#posternAccepted += result.accepted;
