@@ -164,7 +164,9 @@ function pairRounds(results: BenchResults, port: PortKind, mode: 'new' | 'reuse'
     const postern = at(`postern${suffix}`, round);
     if (!ceiling || !postern) continue;
     const ratio = ceiling.messagesPerSecond > 0 ? postern.messagesPerSecond / ceiling.messagesPerSecond : 0;
-    rounds.push({ round, ceiling, postern, durable: at(durableCeilingFor(port), round), ratio });
+    // The durable ceiling runs only in the paired rounds; a warm round of the same number is not its pair.
+    const durable = suffix === '' ? at(durableCeilingFor(port), round) : undefined;
+    rounds.push({ round, ceiling, postern, durable, ratio });
   }
   return rounds;
 }
@@ -180,6 +182,16 @@ function median(values: number[]): number {
 function medianRound(rounds: PairRound[]): PairRound | undefined {
   const m = median(rounds.map((r) => r.ratio));
   return rounds.find((r) => r.ratio === m);
+}
+
+/**
+ * The rounds a c=50 accept target is judged on: the warm ones when the run has them, else the
+ * paired ones; with the median round among them. The targets and the main table both ask here.
+ */
+function judgedRounds(results: BenchResults, port: PortKind, mode: 'new' | 'reuse'): { warm: boolean; rounds: PairRound[]; median: PairRound | undefined } {
+  const warm = pairRounds(results, port, mode, WARM);
+  const rounds = warm.length ? warm : pairRounds(results, port, mode);
+  return { warm: warm.length > 0, rounds, median: medianRound(rounds) };
 }
 
 /**
@@ -222,19 +234,18 @@ export function judgeTargets(results: BenchResults): TargetResult[] {
     for (const mode of ['new', 'reuse'] as const) {
       // Judged on the warm rows when the run has them; the paired rows (each after a quiet spell)
       // are shown beside them.
-      const paired = pairRounds(results, port, mode);
-      const warm = pairRounds(results, port, mode, WARM);
-      const judged = warm.length ? warm : paired;
-      const m = medianRound(judged);
+      const judged = judgedRounds(results, port, mode);
+      const m = judged.median;
       if (!m) continue;
       const rate = (rounds: PairRound[], r: PairRound) =>
         `${r.postern.messagesPerSecond.toFixed(0)}/${r.ceiling.messagesPerSecond.toFixed(0)} = ${pct(r.ratio)}${
           rounds.length > 1 ? ` (median of ${rounds.length} rounds: ${rounds.map((x) => pct(x.ratio)).join(', ')})` : ''
         }`;
+      const paired = pairRounds(results, port, mode);
       const pairedMedian = medianRound(paired);
       targets.push({
         name: `accept ${label(port, mode)} c=50 vs ${ceilingFor(port)}`,
-        value: warm.length ? `warm ${rate(warm, m)}${pairedMedian ? `; after a quiet spell ${rate(paired, pairedMedian)}` : ''}` : rate(paired, m),
+        value: judged.warm ? `warm ${rate(judged.rounds, m)}${pairedMedian ? `; after a quiet spell ${rate(paired, pairedMedian)}` : ''}` : rate(paired, m),
         target: '>= 70%',
         pass: m.ratio >= 0.7,
       });
@@ -332,10 +343,9 @@ export function formatReport(results: BenchResults, jsonFile: string): string {
         const ceil = find(results, ceilingFor(port), port, mode, c);
         if (!p && !ceil) continue;
         const ratio = p && ceil && ceil.messagesPerSecond > 0 ? p.messagesPerSecond / ceil.messagesPerSecond : null;
-        // Judged on the median round (the same as the targets): of the warm rows when there are
-        // some, else of the paired rounds, which is this row with one round.
-        const warmMedian = medianRound(pairRounds(results, port, mode, WARM))?.ratio;
-        const judgedRatio = c === 50 && ratio !== null ? (warmMedian ?? medianRound(pairRounds(results, port, mode))?.ratio ?? ratio) : null;
+        // Judged as the targets are (judgedRounds): with one paired round and no warm ones, that is this row.
+        const verdict = judgedRounds(results, port, mode);
+        const judgedRatio = c === 50 && ratio !== null ? (verdict.median?.ratio ?? ratio) : null;
         const judged = judgedRatio !== null;
         rows.push([
           label(port, mode),
@@ -350,7 +360,7 @@ export function formatReport(results: BenchResults, jsonFile: string): string {
           ceil ? cpuNoSink(ceil) : '-',
           ratio === null ? '-' : pct(ratio),
           judged ? '>=70%' : '',
-          judged ? `${warmMedian !== undefined ? 'warm ' : ''}${judgedRatio === ratio ? '' : `median ${pct(judgedRatio!)} `}${judgedRatio! >= 0.7 ? 'PASS' : 'FAIL'}` : '',
+          judged ? `${verdict.warm ? 'warm ' : ''}${judgedRatio === ratio ? '' : `median ${pct(judgedRatio!)} `}${judgedRatio! >= 0.7 ? 'PASS' : 'FAIL'}` : '',
         ]);
       }
     }
