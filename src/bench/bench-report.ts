@@ -105,8 +105,12 @@ export interface BenchResults {
   posternRssAtStartBytes: number;
   idle: IdleFigures[];
   bigMessage: BigMessageFigures[];
-  /** The same 587 c=50 loads against Postern with the policy on and a second one with it off. */
-  policyOverhead: { mode: 'new' | 'reuse'; on: number; off: number }[];
+  /**
+   * The same 587 c=50 loads against a Postern with the policy on and a second one with it off, in
+   * rounds that alternate which side goes first. `on` and `off` are the median round's rates
+   * (runs before 2026-11-30 had one round and no `rounds`).
+   */
+  policyOverhead: { mode: 'new' | 'reuse'; on: number; off: number; rounds?: PolicyRound[] }[];
   /** 1,000 messages through the Microsoft 365 upstream stand-in (src/bench/upstream-bench.ts). */
   upstream: UpstreamBenchFigures | null;
   targets: TargetResult[];
@@ -178,6 +182,21 @@ function median(values: number[]): number {
   return sorted[Math.floor((sorted.length - 1) / 2)]!;
 }
 
+export interface PolicyRound {
+  on: number;
+  off: number;
+}
+
+function policyRatio(r: PolicyRound): number {
+  return r.off > 0 ? r.on / r.off : 0;
+}
+
+/** The policy comparison's median round (the lower middle one for an even count). */
+export function medianPolicyRound(rounds: PolicyRound[]): PolicyRound {
+  const m = median(rounds.map(policyRatio));
+  return rounds.find((r) => policyRatio(r) === m)!;
+}
+
 /** The median round: the one whose ratio is the median (its rates are the ones printed). */
 function medianRound(rounds: PairRound[]): PairRound | undefined {
   const m = median(rounds.map((r) => r.ratio));
@@ -222,10 +241,14 @@ function roundByRound(
 export function judgeTargets(results: BenchResults): TargetResult[] {
   const targets: TargetResult[] = [];
   for (const p of results.policyOverhead) {
-    const ratio = p.off > 0 ? p.on / p.off : 0;
+    const rounds = p.rounds ?? [{ on: p.on, off: p.off }];
+    const shown = medianPolicyRound(rounds);
+    const ratio = policyRatio(shown);
     targets.push({
       name: `accept 587 ${p.mode === 'new' ? 'new conn/msg' : 'reused conn'} c=50, policy on vs off`,
-      value: `${p.on.toFixed(0)}/${p.off.toFixed(0)} = ${(ratio * 100).toFixed(0)}%`,
+      value: `${shown.on.toFixed(0)}/${shown.off.toFixed(0)} = ${pct(ratio)}${
+        rounds.length > 1 ? ` (median of ${rounds.length} rounds: ${rounds.map((r) => pct(policyRatio(r))).join(', ')})` : ''
+      }`,
       target: '>= 85%',
       pass: ratio >= 0.85,
     });
