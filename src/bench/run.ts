@@ -34,6 +34,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { QUIET_SECONDS } from '../runtime/memory-relief.js';
 import { writeBenchCertificate } from './bench-certificate.js';
 import { type DiscardServer, runLoad, startDiscardServer } from './bench-children.js';
 import type { LoadScenario } from './bench-ipc.js';
@@ -295,11 +296,11 @@ async function main(): Promise<void> {
           }
         }
         // The warm rows, which the accept targets judge. Every row above comes after its server sat
-        // idle through the other servers' rows, and a quiet second is when a V8 process runs a full
-        // collection (Postern's memory relief after one second, V8's memory reducer after about
-        // eight): that collection throws away the optimized code that embedded objects of the
-        // finished sessions (several hundred functions, Node's own stream and socket code among
-        // them), and the next load runs on the interpreter and the compiler threads until it is
+        // idle through the other servers' rows, and a quiet spell is when a V8 process runs a full
+        // collection (V8's memory reducer after about eight seconds, Postern's memory relief after
+        // ten, and after one second until 2026-11-30): that collection throws away the optimized
+        // code that embedded objects of the finished sessions (several hundred functions, Node's
+        // own stream and socket code among them), and the next load runs on the interpreter and the compiler threads until it is
         // optimized again, 15 to 30 s of load on the device path on 2 cores. A server under steady
         // load never pays this, so each server here gets a block of its own: new-connection load
         // (unmeasured) long enough to optimize again, then its c=50 rows back to back with nothing
@@ -585,9 +586,10 @@ class Bench {
 
   /** RSS before and with IDLE_CONNECTIONS greeted, silent TCP connections. */
   async idle(server: string, phase: string, pid: number, port: number): Promise<IdleFigures> {
-    // An idle server: Postern gives a burst's memory back once it has been quiet for a whole
-    // second of its 1 s sampling (src/runtime/memory-relief.ts), so at most 2 s after the load.
-    await sleep(3000);
+    // An idle server: Postern gives a burst's memory back once it has been quiet for QUIET_SECONDS
+    // of its 1 s sampling (src/runtime/memory-relief.ts), so at most QUIET_SECONDS + 1 s after the
+    // load.
+    await sleep((QUIET_SECONDS + 2) * 1000);
     const before = readMemory(pid)?.rss ?? 0;
     // Sampled from the first connection until 2 s after the last greeting: a garbage collection
     // in between can lower RSS, so the highest sample is the figure (the lowest is kept too).

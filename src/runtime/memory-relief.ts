@@ -14,10 +14,18 @@
 //
 // So once the process has been busy (BUSY_CPU_MS of CPU since the last relief) or has grown (its
 // RSS GROWTH_BYTES above what the last relief left: one 35 MB message costs little CPU but leaves
-// its buffers behind) and then is nearly idle for a whole sampling interval, it runs one full
-// collection and malloc_trim(0). Both pause the
-// event loop (tens of milliseconds), which is why this waits for a quiet second and never runs
-// under steady load: there the memory is in use, and the next message would take it again.
+// its buffers behind) and then is nearly idle for QUIET_SECONDS in a row, it runs one full
+// collection and malloc_trim(0). Both pause the event loop (tens of milliseconds), and it never
+// runs under steady load: there the memory is in use, and the next message would take it again.
+//
+// Why a quiet spell of QUIET_SECONDS and not one quiet second: a full collection while no session
+// is open throws away the optimized code built for the sessions' objects (V8 deoptimizes every
+// function that embedded a shape that died: 175 to 580 of them here, Node's own socket and stream
+// code among them), and the next burst runs slower while the compiler rebuilds it. With a relief
+// after every quiet second, bursts of 2 s with 2.2 s gaps on the device path cost 3.6 ms of CPU per
+// message instead of 2.1 ms (docs/benchmarks.md, 2026-11-30). V8's own memory reducer runs such a
+// collection about 8 s into a quiet spell anyway; waiting about as long adds no rebuild V8 would
+// not cause itself, and leaves a burst's memory resident for that long only.
 // malloc_trim comes from a tiny optional addon (native/malloc-trim); without it (no compiler at
 // install, musl) only the collection runs.
 import { createRequire } from 'node:module';
@@ -33,6 +41,8 @@ export const GROWTH_BYTES = 16 * 1024 * 1024;
 export const QUIET_CPU_SHARE = 0.05;
 /** How often CPU use is sampled. */
 export const SAMPLE_INTERVAL_MS = 1000;
+/** Quiet sampling intervals in a row before a relief: a lull, not a gap between bursts. */
+export const QUIET_SECONDS = 10;
 
 /** A full garbage collection, obtained once: V8 exposes `gc` to new contexts after the flag is set. */
 let fullGc: (() => void) | undefined;
@@ -78,6 +88,8 @@ export class MemoryRelief {
   /** CPU time at the last relief (or start), and at the previous sample. */
   #sinceRelief: number;
   #lastSample: number;
+  /** Quiet samples in a row so far. */
+  #quietSamples = 0;
 
   constructor(options: MemoryReliefOptions) {
     this.#logger = options.logger;
@@ -108,7 +120,8 @@ export class MemoryRelief {
     const now = this.#cpuMs();
     const quiet = now - this.#lastSample < intervalMs * QUIET_CPU_SHARE;
     this.#lastSample = now;
-    if (!quiet) return false;
+    this.#quietSamples = quiet ? this.#quietSamples + 1 : 0;
+    if (this.#quietSamples < QUIET_SECONDS) return false;
     const rssBefore = this.#rss();
     if (now - this.#sinceRelief < BUSY_CPU_MS && rssBefore - this.#rssAfterRelief < GROWTH_BYTES) return false;
     const started = performance.now();
