@@ -27,7 +27,7 @@
 // runs with limits far above the load), BENCH_KEEP=1 (keep the whole temp dir; by default only the
 // results, the profile and the config are kept), BENCH_ONLY=memory|throughput (one half), quick (c=50 and end-to-end only, for iterating), intake (the c=50
 // rows with delivery held back only, for profiling the intake), policy (the policy on/off
-// comparison only, about 3 minutes), or upstream (1,000 messages through the Microsoft 365
+// comparison only, about 2 minutes), or upstream (1,000 messages through the Microsoft 365
 // stand-in only, about 30 s). BENCH_POLICY_ROUNDS (3): rounds of the policy comparison.
 import fs from 'node:fs';
 import os from 'node:os';
@@ -257,166 +257,165 @@ async function main(): Promise<void> {
         results.idle.push(await bench.idle('postern', 'after warm-up', postern.pid, postern.ports.submission));
       }
 
-      {
-        // Round 1 runs every concurrency; later rounds repeat the concurrency-50 pairs, which the
-        // targets judge. On a shared machine one pair can land on a slow or a fast moment (the same
-        // build read 62% and 89% on the device path within the hour): the median of alternating
-        // rounds is the figure to judge, and every round is printed.
-        const pairs: { round: number; port: PortKind; mode: 'new' | 'reuse'; c: number }[] = [];
-        for (let round = 1; round <= (parts.accept ? settings.rounds : 0); round++) {
-          for (const port of ['submission', 'relay'] as const) {
-            for (const mode of ['new', 'reuse'] as const) {
-              for (const c of quick || round > 1 ? [50] : CONCURRENCY) pairs.push({ round, port, mode, c });
+      // Round 1 runs every concurrency; later rounds repeat the concurrency-50 pairs, which the
+      // targets judge. On a shared machine one pair can land on a slow or a fast moment (the same
+      // build read 62% and 89% on the device path within the hour): the median of alternating
+      // rounds is the figure to judge, and every round is printed.
+      const pairs: { round: number; port: PortKind; mode: 'new' | 'reuse'; c: number }[] = [];
+      for (let round = 1; round <= (parts.accept ? settings.rounds : 0); round++) {
+        for (const port of ['submission', 'relay'] as const) {
+          for (const mode of ['new', 'reuse'] as const) {
+            for (const c of quick || round > 1 ? [50] : CONCURRENCY) pairs.push({ round, port, mode, c });
+          }
+        }
+      }
+      for (const { round, port, mode, c } of pairs) {
+        const ceiling = port === 'submission' ? ceilingTls : ceilingPlain;
+        const check = cpuCheckMs();
+        results.cpuChecksMs.push(check);
+        const name = `${label(port, mode)} c=${c}${settings.rounds > 1 && c === 50 ? `, round ${round} of ${settings.rounds}` : ''}`;
+        say(`${name}: ${ceiling.role} (CPU check ${check.toFixed(0)} ms)`);
+        const ceilingFigures = await bench.scenario(ceiling.role, ceiling.pid, ceiling.port, port, mode, c);
+        results.scenarios.push({ ...ceilingFigures, cpuCheckMs: check, round });
+        say(`${name}: postern`);
+        const figures = await bench.scenario('postern', postern.pid, portOf[port], port, mode, c);
+        figures.drainSeconds = (await bench.drain()).seconds;
+        figures.cpuCheckMs = check;
+        figures.round = round;
+        results.scenarios.push(figures);
+        say(`  ceiling ${ceilingFigures.messagesPerSecond.toFixed(0)}/s, postern ${figures.messagesPerSecond.toFixed(0)}/s, drained in ${figures.drainSeconds.toFixed(1)} s`);
+        if (c === 50) {
+          // The durable ceiling right after, on the same machine state: what keeping each
+          // message costs a bare server, so Postern's own overhead can be told apart.
+          const durable = port === 'submission' ? durableTls : durablePlain;
+          say(`${name}: ${durable.role}`);
+          const durableFigures = await bench.scenario(durable.role, durable.pid, durable.port, port, mode, c);
+          results.scenarios.push({ ...durableFigures, cpuCheckMs: check, round });
+          say(`  durable ceiling ${durableFigures.messagesPerSecond.toFixed(0)}/s`);
+        }
+      }
+      // The warm rows, which the accept targets judge. Every row above comes after its server sat
+      // idle through the other servers' rows, and a quiet spell is when a V8 process runs a full
+      // collection (V8's memory reducer after about eight seconds, Postern's memory relief after
+      // ten, and after one second until 2026-11-30): that collection throws away the optimized
+      // code that embedded objects of the finished sessions (several hundred functions, Node's
+      // own stream and socket code among them), and the next load runs on the interpreter and the
+      // compiler threads until it is optimized again, 15 to 30 s of load on the device path on 2
+      // cores. A server under steady
+      // load never pays this, so each server here gets a block of its own: new-connection load
+      // (unmeasured) long enough to optimize again, then its c=50 rows back to back with nothing
+      // quiet between them. The blocks alternate (Postern first in odd rounds, the ceilings
+      // first in even ones) so that neither side always meets the machine later.
+      for (let round = 1; round <= (parts.accept ? settings.warmRounds : 0); round++) {
+        const blocks = round % 2 === 1 ? (['postern', 'ceilings'] as const) : (['ceilings', 'postern'] as const);
+        for (const block of blocks) {
+          const servers: { role: string; pid: number; ports: [PortKind, number][] }[] =
+            block === 'postern'
+              ? [{ role: 'postern', pid: postern.pid, ports: [['submission', portOf.submission], ['relay', portOf.relay]] }]
+              : [
+                  { role: ceilingTls.role, pid: ceilingTls.pid, ports: [['submission', ceilingTls.port]] },
+                  { role: ceilingPlain.role, pid: ceilingPlain.pid, ports: [['relay', ceilingPlain.port]] },
+                ];
+          for (const server of servers) {
+            const [firstKind, firstPort] = server.ports[0]!;
+            say(`warm round ${round}: ${server.role}, ${settings.rewarmSeconds} s of ${label(firstKind, 'new')} c=50 first (not measured)`);
+            await bench.load(server.role, firstPort, firstKind, 'new', 50, settings.rewarmSeconds);
+            if (block === 'postern') await bench.drain();
+            for (const [kind, port] of server.ports) {
+              for (const mode of ['new', 'reuse'] as const) {
+                const check = cpuCheckMs();
+                results.cpuChecksMs.push(check);
+                say(`warm round ${round}: ${label(kind, mode)} c=50, ${server.role}`);
+                const figures = await bench.scenario(`${server.role}${WARM}`, server.pid, port, kind, mode, 50, {
+                  warmupMs: Math.max(settings.warmupSeconds, WARM_ROW_WARMUP_SECONDS) * 1000,
+                });
+                if (block === 'postern') figures.drainSeconds = (await bench.drain()).seconds;
+                figures.cpuCheckMs = check;
+                figures.round = round;
+                results.scenarios.push(figures);
+                say(`  ${figures.messagesPerSecond.toFixed(0)}/s`);
+              }
             }
           }
         }
-        for (const { round, port, mode, c } of pairs) {
-          const ceiling = port === 'submission' ? ceilingTls : ceilingPlain;
+      }
+      // Diagnostic: the same c=50 loads with delivery held back (the sink paused, so Postern's
+      // deliveries wait for a greeting and its queue runner stops claiming). What remains is the
+      // intake alone: sessions, spool files, group commits. Each pause stays well under the
+      // delivery connect timeout (30 s), and the queue drains after the sink resumes.
+      for (const port of parts.intakeAlone ? (['submission', 'relay'] as const) : []) {
+        for (const mode of ['new', 'reuse'] as const) {
           const check = cpuCheckMs();
           results.cpuChecksMs.push(check);
-          const name = `${label(port, mode)} c=${c}${settings.rounds > 1 && c === 50 ? `, round ${round} of ${settings.rounds}` : ''}`;
-          say(`${name}: ${ceiling.role} (CPU check ${check.toFixed(0)} ms)`);
-          const ceilingFigures = await bench.scenario(ceiling.role, ceiling.pid, ceiling.port, port, mode, c);
-          results.scenarios.push({ ...ceilingFigures, cpuCheckMs: check, round });
-          say(`${name}: postern`);
-          const figures = await bench.scenario('postern', postern.pid, portOf[port], port, mode, c);
+          say(`${label(port, mode)} c=50: postern with delivery paused (CPU check ${check.toFixed(0)} ms)`);
+          sink.pause();
+          let figures: ScenarioFigures;
+          try {
+            figures = await bench.scenario('postern-intake-only', postern.pid, portOf[port], port, mode, 50);
+          } finally {
+            sink.resume();
+          }
           figures.drainSeconds = (await bench.drain()).seconds;
           figures.cpuCheckMs = check;
-          figures.round = round;
           results.scenarios.push(figures);
-          say(`  ceiling ${ceilingFigures.messagesPerSecond.toFixed(0)}/s, postern ${figures.messagesPerSecond.toFixed(0)}/s, drained in ${figures.drainSeconds.toFixed(1)} s`);
-          if (c === 50) {
-            // The durable ceiling right after, on the same machine state: what keeping each
-            // message costs a bare server, so Postern's own overhead can be told apart.
-            const durable = port === 'submission' ? durableTls : durablePlain;
-            say(`${name}: ${durable.role}`);
-            const durableFigures = await bench.scenario(durable.role, durable.pid, durable.port, port, mode, c);
-            results.scenarios.push({ ...durableFigures, cpuCheckMs: check, round });
-            say(`  durable ceiling ${durableFigures.messagesPerSecond.toFixed(0)}/s`);
-          }
+          say(`  postern (intake only) ${figures.messagesPerSecond.toFixed(0)}/s, drained in ${figures.drainSeconds.toFixed(1)} s`);
         }
-        // The warm rows, which the accept targets judge. Every row above comes after its server sat
-        // idle through the other servers' rows, and a quiet spell is when a V8 process runs a full
-        // collection (V8's memory reducer after about eight seconds, Postern's memory relief after
-        // ten, and after one second until 2026-11-30): that collection throws away the optimized
-        // code that embedded objects of the finished sessions (several hundred functions, Node's
-        // own stream and socket code among them), and the next load runs on the interpreter and the compiler threads until it is
-        // optimized again, 15 to 30 s of load on the device path on 2 cores. A server under steady
-        // load never pays this, so each server here gets a block of its own: new-connection load
-        // (unmeasured) long enough to optimize again, then its c=50 rows back to back with nothing
-        // quiet between them. The blocks alternate (Postern first in odd rounds, the ceilings
-        // first in even ones) so that neither side always meets the machine later.
-        for (let round = 1; round <= (parts.accept ? settings.warmRounds : 0); round++) {
-          const blocks = round % 2 === 1 ? (['postern', 'ceilings'] as const) : (['ceilings', 'postern'] as const);
-          for (const block of blocks) {
-            const servers: { role: string; pid: number; ports: [PortKind, number][] }[] =
-              block === 'postern'
-                ? [{ role: 'postern', pid: postern.pid, ports: [['submission', portOf.submission], ['relay', portOf.relay]] }]
-                : [
-                    { role: ceilingTls.role, pid: ceilingTls.pid, ports: [['submission', ceilingTls.port]] },
-                    { role: ceilingPlain.role, pid: ceilingPlain.pid, ports: [['relay', ceilingPlain.port]] },
-                  ];
-            for (const server of servers) {
-              const [firstKind, firstPort] = server.ports[0]!;
-              say(`warm round ${round}: ${server.role}, ${settings.rewarmSeconds} s of ${label(firstKind, 'new')} c=50 first (not measured)`);
-              await bench.load(server.role, firstPort, firstKind, 'new', 50, settings.rewarmSeconds);
-              if (block === 'postern') await bench.drain();
-              for (const [kind, port] of server.ports) {
-                for (const mode of ['new', 'reuse'] as const) {
-                  const check = cpuCheckMs();
-                  results.cpuChecksMs.push(check);
-                  say(`warm round ${round}: ${label(kind, mode)} c=50, ${server.role}`);
-                  const figures = await bench.scenario(`${server.role}${WARM}`, server.pid, port, kind, mode, 50, {
-                    warmupMs: Math.max(settings.warmupSeconds, WARM_ROW_WARMUP_SECONDS) * 1000,
-                  });
-                  if (block === 'postern') figures.drainSeconds = (await bench.drain()).seconds;
-                  figures.cpuCheckMs = check;
-                  figures.round = round;
-                  results.scenarios.push(figures);
-                  say(`  ${figures.messagesPerSecond.toFixed(0)}/s`);
-                }
-              }
-            }
-          }
-        }
-        // Diagnostic: the same c=50 loads with delivery held back (the sink paused, so Postern's
-        // deliveries wait for a greeting and its queue runner stops claiming). What remains is the
-        // intake alone: sessions, spool files, group commits. Each pause stays well under the
-        // delivery connect timeout (30 s), and the queue drains after the sink resumes.
-        for (const port of parts.intakeAlone ? (['submission', 'relay'] as const) : []) {
-          for (const mode of ['new', 'reuse'] as const) {
-            const check = cpuCheckMs();
-            results.cpuChecksMs.push(check);
-            say(`${label(port, mode)} c=50: postern with delivery paused (CPU check ${check.toFixed(0)} ms)`);
-            sink.pause();
-            let figures: ScenarioFigures;
-            try {
-              figures = await bench.scenario('postern-intake-only', postern.pid, portOf[port], port, mode, 50);
-            } finally {
-              sink.resume();
-            }
-            figures.drainSeconds = (await bench.drain()).seconds;
-            figures.cpuCheckMs = check;
-            results.scenarios.push(figures);
-            say(`  postern (intake only) ${figures.messagesPerSecond.toFixed(0)}/s, drained in ${figures.drainSeconds.toFixed(1)} s`);
-          }
-        }
-        for (const c of parts.stockReference ? [1, 50] : []) {
-          say(`stock smtp-server new conn/msg c=${c}`);
-          results.scenarios.push(await bench.scenario('stock-tls', stockTls.pid, stockTls.port, 'submission', 'new', c));
-        }
-        results.cpuChecksMs.push(cpuCheckMs());
-        if (parts.endToEnd) {
-          say('end-to-end');
-          results.endToEnd = await bench.endToEnd(postern.ports.submission);
-        }
+      }
+      for (const c of parts.stockReference ? [1, 50] : []) {
+        say(`stock smtp-server new conn/msg c=${c}`);
+        results.scenarios.push(await bench.scenario('stock-tls', stockTls.pid, stockTls.port, 'submission', 'new', c));
+      }
+      results.cpuChecksMs.push(cpuCheckMs());
+      if (parts.endToEnd) {
+        say('end-to-end');
+        results.endToEnd = await bench.endToEnd(postern.ports.submission);
+      }
 
-        if (parts.policy && settings.policy === 'on') {
-          // Policy overhead, in this run: two more Posterns, identical but for `[policy] enforce`
-          // (the delivery knobs included, which the "off" side used to miss), each with a fresh
-          // data dir, take the same 587 loads in turn. Both fresh: the first
-          // Postern's database holds every message of the run by now (over 100,000 rows when it is
-          // fast), which costs it more per message than a new database does, and that difference
-          // once passed for the policy's cost (63% and 77% "on vs off", against 97% with the same
-          // Postern taking both sides' share of the rows).
-          const start = async (enforcePolicy: boolean) => {
-            const name = enforcePolicy ? 'policy-on' : 'policy-off';
-            say(`policy overhead: a fresh Postern with [policy] enforce = ${enforcePolicy}`);
-            const policyDir = path.join(dir, name);
-            fs.mkdirSync(policyDir, { recursive: true });
-            const child = await PosternProcess.start(posternOptions(policyDir, enforcePolicy), ACCOUNT);
-            children.push(child);
-            const policyBench = new Bench(sink, child);
-            await policyBench.load('postern', child.ports.submission, 'submission', 'reuse', 10, 2);
-            await policyBench.drain();
-            return { child, bench: policyBench, name };
-          };
-          const on = await start(true);
-          const off = await start(false);
-          for (const mode of ['new', 'reuse'] as const) {
-            const rounds: PolicyRound[] = [];
-            for (let round = 1; round <= settings.policyRounds; round++) {
-              // Alternate which side goes first, and give each the same load right before its
-              // window: the side that waited longer would otherwise meet its load with its
-              // optimized code thrown away (see "What runs" in docs/benchmarks.md).
-              const sides = round % 2 === 1 ? [on, off] : [off, on];
-              say(`587 ${mode} c=50, round ${round} of ${settings.policyRounds}: policy ${sides.map((s) => s.name.slice('policy-'.length)).join(', then ')}`);
-              const rate: Record<string, number> = {};
-              for (const side of sides) {
-                await side.bench.load(`postern-${side.name}`, side.child.ports.submission, 'submission', mode, 50, POLICY_WARM_SECONDS);
-                const f = await side.bench.scenario(`postern-${side.name}`, side.child.pid, side.child.ports.submission, 'submission', mode, 50);
-                await side.bench.drain();
-                rate[side.name] = f.messagesPerSecond;
-              }
-              rounds.push({ on: rate[on.name]!, off: rate[off.name]! });
-              say(`  policy on ${rate[on.name]!.toFixed(0)}/s, off ${rate[off.name]!.toFixed(0)}/s`);
+      if (parts.policy && settings.policy === 'on') {
+        // Policy overhead, in this run: two more Posterns, identical but for `[policy] enforce`
+        // (the delivery knobs included, which the "off" side used to miss), each with a fresh
+        // data dir, take the same 587 loads in turn. Both fresh: the first
+        // Postern's database holds every message of the run by now (over 100,000 rows when it is
+        // fast), which costs it more per message than a new database does, and that difference
+        // once passed for the policy's cost (63% and 77% "on vs off", against 97% with the same
+        // Postern taking both sides' share of the rows).
+        const start = async (enforcePolicy: boolean) => {
+          const name = enforcePolicy ? 'policy-on' : 'policy-off';
+          say(`policy overhead: a fresh Postern with [policy] enforce = ${enforcePolicy}`);
+          const policyDir = path.join(dir, name);
+          fs.mkdirSync(policyDir, { recursive: true });
+          const child = await PosternProcess.start(posternOptions(policyDir, enforcePolicy), ACCOUNT);
+          children.push(child);
+          const policyBench = new Bench(sink, child);
+          await policyBench.load('postern', child.ports.submission, 'submission', 'reuse', 10, 2);
+          await policyBench.drain();
+          return { child, bench: policyBench, name };
+        };
+        const on = await start(true);
+        const off = await start(false);
+        for (const mode of ['new', 'reuse'] as const) {
+          const rounds: PolicyRound[] = [];
+          for (let round = 1; round <= settings.policyRounds; round++) {
+            // Alternate which side goes first, and give each the same load right before its
+            // window: the side that waited longer would otherwise meet its load with its
+            // optimized code thrown away (see "What runs" in docs/benchmarks.md).
+            const sides = round % 2 === 1 ? [on, off] : [off, on];
+            say(`587 ${mode} c=50, round ${round} of ${settings.policyRounds}: policy ${sides.map((s) => s.name.slice('policy-'.length)).join(', then ')}`);
+            const rate: Record<string, number> = {};
+            for (const side of sides) {
+              await side.bench.load(`postern-${side.name}`, side.child.ports.submission, 'submission', mode, 50, POLICY_WARM_SECONDS);
+              const f = await side.bench.scenario(`postern-${side.name}`, side.child.pid, side.child.ports.submission, 'submission', mode, 50);
+              await side.bench.drain();
+              rate[side.name] = f.messagesPerSecond;
             }
-            const { on: onRate, off: offRate } = medianPolicyRound(rounds);
-            results.policyOverhead.push({ mode, on: onRate, off: offRate, rounds });
+            rounds.push({ on: rate[on.name]!, off: rate[off.name]! });
+            say(`  policy on ${rate[on.name]!.toFixed(0)}/s, off ${rate[off.name]!.toFixed(0)}/s`);
           }
-          await on.child.stop();
-          await off.child.stop();
+          const { on: onRate, off: offRate } = medianPolicyRound(rounds);
+          results.policyOverhead.push({ mode, on: onRate, off: offRate, rounds });
         }
+        await on.child.stop();
+        await off.child.stop();
       }
 
       if (parts.memoryAfterLoad) {

@@ -23,9 +23,9 @@
 // function that embedded a shape that died: 175 to 580 of them here, Node's own socket and stream
 // code among them), and the next burst runs slower while the compiler rebuilds it. With a relief
 // after every quiet second, bursts of 2 s with 2.2 s gaps on the device path cost about 3.5 ms of
-// CPU per message instead of about 1.8 ms (docs/benchmarks.md, 2026-11-30). V8's own memory reducer runs such a
-// collection about 8 s into a quiet spell anyway; waiting about as long adds no rebuild V8 would
-// not cause itself, and leaves a burst's memory resident for that long only.
+// CPU per message instead of about 1.8 ms (docs/benchmarks.md, 2026-11-30). V8's own memory
+// reducer runs such a collection about 8 s into a quiet spell anyway; waiting about as long adds
+// no rebuild V8 would not cause itself, and leaves a burst's memory resident for that long only.
 // malloc_trim comes from a tiny optional addon (native/malloc-trim); without it (no compiler at
 // install, musl) only the collection runs.
 import { createRequire } from 'node:module';
