@@ -107,10 +107,9 @@ export interface BenchResults {
   bigMessage: BigMessageFigures[];
   /**
    * The same 587 c=50 loads against a Postern with the policy on and a second one with it off, in
-   * rounds that alternate which side goes first. `on` and `off` are the median round's rates
-   * (runs before 2026-11-30 had one round and no `rounds`).
+   * rounds that alternate which side goes first (BENCH_POLICY_ROUNDS).
    */
-  policyOverhead: { mode: 'new' | 'reuse'; on: number; off: number; rounds?: PolicyRound[] }[];
+  policyOverhead: { mode: 'new' | 'reuse'; rounds: PolicyRound[] }[];
   /** 1,000 messages through the Microsoft 365 upstream stand-in (src/bench/upstream-bench.ts). */
   upstream: UpstreamBenchFigures | null;
   targets: TargetResult[];
@@ -191,17 +190,16 @@ function policyRatio(r: PolicyRound): number {
   return r.off > 0 ? r.on / r.off : 0;
 }
 
-/** The policy comparison's median round (the lower middle one for an even count). */
-export function medianPolicyRound(rounds: PolicyRound[]): PolicyRound {
-  const m = median(rounds.map(policyRatio));
-  return rounds.find((r) => policyRatio(r) === m)!;
+/**
+ * The median round: the one whose ratio is the median (the lower middle one for an even count);
+ * its rates are the ones printed.
+ */
+function medianRound<R>(rounds: R[], ratio: (r: R) => number): R | undefined {
+  const m = median(rounds.map(ratio));
+  return rounds.find((r) => ratio(r) === m);
 }
 
-/** The median round: the one whose ratio is the median (its rates are the ones printed). */
-function medianRound(rounds: PairRound[]): PairRound | undefined {
-  const m = median(rounds.map((r) => r.ratio));
-  return rounds.find((r) => r.ratio === m);
-}
+const pairRatio = (r: PairRound) => r.ratio;
 
 /**
  * The rounds a c=50 accept target is judged on: the warm ones when the run has them, else the
@@ -210,7 +208,7 @@ function medianRound(rounds: PairRound[]): PairRound | undefined {
 function judgedRounds(results: BenchResults, port: PortKind, mode: 'new' | 'reuse'): { warm: boolean; rounds: PairRound[]; median: PairRound | undefined } {
   const warm = pairRounds(results, port, mode, WARM);
   const rounds = warm.length ? warm : pairRounds(results, port, mode);
-  return { warm: warm.length > 0, rounds, median: medianRound(rounds) };
+  return { warm: warm.length > 0, rounds, median: medianRound(rounds, pairRatio) };
 }
 
 /**
@@ -241,13 +239,13 @@ function roundByRound(
 export function judgeTargets(results: BenchResults): TargetResult[] {
   const targets: TargetResult[] = [];
   for (const p of results.policyOverhead) {
-    const rounds = p.rounds ?? [{ on: p.on, off: p.off }];
-    const shown = medianPolicyRound(rounds);
+    const shown = medianRound(p.rounds, policyRatio);
+    if (!shown) continue;
     const ratio = policyRatio(shown);
     targets.push({
       name: `accept 587 ${p.mode === 'new' ? 'new conn/msg' : 'reused conn'} c=50, policy on vs off`,
       value: `${shown.on.toFixed(0)}/${shown.off.toFixed(0)} = ${pct(ratio)}${
-        rounds.length > 1 ? ` (median of ${rounds.length} rounds: ${rounds.map((r) => pct(policyRatio(r))).join(', ')})` : ''
+        p.rounds.length > 1 ? ` (median of ${p.rounds.length} rounds: ${p.rounds.map((r) => pct(policyRatio(r))).join(', ')})` : ''
       }`,
       target: '>= 85%',
       pass: ratio >= 0.85,
@@ -265,7 +263,7 @@ export function judgeTargets(results: BenchResults): TargetResult[] {
           rounds.length > 1 ? ` (median of ${rounds.length} rounds: ${rounds.map((x) => pct(x.ratio)).join(', ')})` : ''
         }`;
       const paired = pairRounds(results, port, mode);
-      const pairedMedian = medianRound(paired);
+      const pairedMedian = medianRound(paired, pairRatio);
       targets.push({
         name: `accept ${label(port, mode)} c=50 vs ${ceilingFor(port)}`,
         value: judged.warm ? `warm ${rate(judged.rounds, m)}${pairedMedian ? `; after a quiet spell ${rate(paired, pairedMedian)}` : ''}` : rate(paired, m),
@@ -367,8 +365,8 @@ export function formatReport(results: BenchResults, jsonFile: string): string {
         if (!p && !ceil) continue;
         const ratio = p && ceil && ceil.messagesPerSecond > 0 ? p.messagesPerSecond / ceil.messagesPerSecond : null;
         // Judged as the targets are (judgedRounds): with one paired round and no warm ones, that is this row.
-        const verdict = judgedRounds(results, port, mode);
-        const judgedRatio = c === 50 && ratio !== null ? (verdict.median?.ratio ?? ratio) : null;
+        const verdict = c === 50 ? judgedRounds(results, port, mode) : undefined;
+        const judgedRatio = verdict && ratio !== null ? (verdict.median?.ratio ?? ratio) : null;
         const judged = judgedRatio !== null;
         rows.push([
           label(port, mode),
@@ -383,7 +381,7 @@ export function formatReport(results: BenchResults, jsonFile: string): string {
           ceil ? cpuNoSink(ceil) : '-',
           ratio === null ? '-' : pct(ratio),
           judged ? '>=70%' : '',
-          judged ? `${verdict.warm ? 'warm ' : ''}${judgedRatio === ratio ? '' : `median ${pct(judgedRatio!)} `}${judgedRatio! >= 0.7 ? 'PASS' : 'FAIL'}` : '',
+          judged ? `${verdict?.warm ? 'warm ' : ''}${judgedRatio === ratio ? '' : `median ${pct(judgedRatio!)} `}${judgedRatio! >= 0.7 ? 'PASS' : 'FAIL'}` : '',
         ]);
       }
     }

@@ -52,7 +52,6 @@ import {
   formatReport,
   judgeTargets,
   label,
-  medianPolicyRound,
   percentile,
 } from './bench-report.js';
 import { openIdleConnections } from './idle-connections.js';
@@ -411,8 +410,7 @@ async function main(): Promise<void> {
             rounds.push({ on: rate[on.name]!, off: rate[off.name]! });
             say(`  policy on ${rate[on.name]!.toFixed(0)}/s, off ${rate[off.name]!.toFixed(0)}/s`);
           }
-          const { on: onRate, off: offRate } = medianPolicyRound(rounds);
-          results.policyOverhead.push({ mode, on: onRate, off: offRate, rounds });
+          results.policyOverhead.push({ mode, rounds });
         }
         await on.child.stop();
         await off.child.stop();
